@@ -179,6 +179,11 @@ def _coerce(value, hint, key):
             return value
         if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if origin is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if origin is str and isinstance(value, str):
             return value
         if origin is list and isinstance(value, list):

@@ -24,6 +24,8 @@ EXPLAIN = [
     "Explain what {x} is in one or two sentences.",
     "What is {x}? Answer briefly.",
     "Describe {x} to a ten-year-old.",
+    "Why is {x} important? Answer in two sentences.",
+    "Give a simple example of {x}.",
 ]
 LIST_THINGS = [
     "fruits that are red", "animals that live in the ocean", "ways to save water",
@@ -35,7 +37,7 @@ LIST_THINGS = [
     "birds that cannot fly", "things found in a classroom", "ways to reduce stress",
     "tools a carpenter uses", "winter activities", "countries in Europe",
 ]
-LIST = ["List three {x}.", "Name four {x}.", "Give me a short list of {x}."]
+LIST = ["List three {x}.", "Name four {x}.", "Give me a short list of {x}.", "What are some {x}?"]
 SENTENCES = [
     "the meeting got moved to tomorrow because the boss is sick",
     "i cant come to the party sorry",
@@ -85,7 +87,8 @@ CODE_TASKS = [
     "returns the length of the longest word in a sentence", "checks if a year is a leap year",
     "joins a list of words with commas",
 ]
-CODE = ["Write a Python function that {x}.", "Write a short Python function that {x}."]
+CODE = ["Write a Python function that {x}.", "Write a short Python function that {x}.",
+        "How would you write Python code that {x}?"]
 GOALS = [
     "sleeping better", "saving money", "learning a new language", "staying focused",
     "making friends in a new city", "eating more vegetables", "studying for an exam",
@@ -93,12 +96,12 @@ GOALS = [
     "writing a good email", "preparing for a job interview", "keeping a room tidy",
     "reading more books", "reducing screen time",
 ]
-ADVICE = ["Give me one tip for {x}.", "What is a simple way to start {x}?"]
+ADVICE = ["Give me one tip for {x}.", "What is a simple way to start {x}?", "Give me three tips for {x}."]
 TOPICS = [
     "the ocean", "autumn", "a cat", "the city at night", "friendship", "coffee", "the mountains",
     "a rainy day", "the sun", "a garden", "music", "a long journey",
 ]
-CREATIVE = ["Write one sentence about {x}.", "Write a two-line poem about {x}."]
+CREATIVE = ["Write one sentence about {x}.", "Write a two-line poem about {x}.", "Describe {x} in three words."]
 
 
 def _arithmetic(rng: random.Random, n: int) -> list[str]:
@@ -129,12 +132,15 @@ def demo_instructions() -> list[tuple[str, str]]:
         "list": _fill(LIST, LIST_THINGS),
         "rewrite": _fill(REWRITE, SENTENCES),
         "classify": [f"Is {a} a mammal, a bird, a fish or a reptile? Answer in one word." for a in ANIMALS]
-        + [f'Is this review positive or negative? "{r}"' for r in REVIEWS],
+        + [f'Is this review positive or negative? "{r}"' for r in REVIEWS]
+        + [f"Is {a} bigger than a cat? Answer yes or no." for a in ANIMALS],
         "fact": [f"What is the capital of {c}?" for c in COUNTRIES]
-        + [f"What language is mostly spoken in {c}?" for c in COUNTRIES],
+        + [f"What language is mostly spoken in {c}?" for c in COUNTRIES]
+        + [f"What is a famous food from {c}?" for c in COUNTRIES],
         "word": [f'What is the opposite of "{w}"?' for w in WORDS]
-        + [f'Use the word "{w}" in a sentence.' for w in WORDS],
-        "arithmetic": _arithmetic(rng, 120),
+        + [f'Use the word "{w}" in a sentence.' for w in WORDS]
+        + [f'Give a synonym for "{w}".' for w in WORDS],
+        "arithmetic": _arithmetic(rng, 200),
         "code": _fill(CODE, CODE_TASKS),
         "advice": _fill(ADVICE, GOALS),
         "creative": _fill(CREATIVE, TOPICS),

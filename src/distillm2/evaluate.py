@@ -17,7 +17,7 @@ import torch
 
 from distillm2.data import collate, encode, write_jsonl, write_text_atomic
 from distillm2.losses import forward_kl, token_cross_entropy
-from distillm2.progress import logger, progress_bar
+from distillm2.progress import progress_bar
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> float:
@@ -139,6 +139,5 @@ def evaluate_run(run, cfg) -> dict:
         write_text_atomic(out_dir / "report.md", f"# Evaluation of {run.dir}\n\n{table}\n")
         bar_plot(results, ["rouge_l", "kl_teacher_responses"], out_dir / "metrics.png",
                  "held-out prompts (ROUGE-L higher, KL lower is better)")
-        logger.info("evaluation (%d held-out prompts):\n%s", len(prompts), table)
-        print(table, flush=True)
+        print(f"\nevaluation on {len(prompts)} held-out prompts ({out_dir}):\n{table}", flush=True)
     return report

@@ -119,6 +119,14 @@ class Trainer:
         params = [p for p in student.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, betas=tuple(train_cfg.adam_betas),
                                       weight_decay=train_cfg.weight_decay)
+        from accelerate.utils import DistributedType
+
+        self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        if self.deepspeed:  # no dataloader is prepared, so DeepSpeed's "auto" sizes are set here
+            ds = accelerator.state.deepspeed_plugin.deepspeed_config
+            ds["train_micro_batch_size_per_gpu"] = train_cfg.batch_size
+            ds["gradient_accumulation_steps"] = train_cfg.grad_accum
+            ds["gradient_clipping"] = train_cfg.max_grad_norm
         self.student, self.optimizer = accelerator.prepare(student, optimizer)
         # The scheduler is stepped by hand, once per optimiser step (accelerate's wrapper would
         # step it once per process); its state is kept in state.json.
@@ -128,6 +136,11 @@ class Trainer:
             teacher.eval().requires_grad_(False)
         self.state = {"step": 0, "finished": False, "anchor_chosen": None, "anchor_rejected": None}
         self._resume()
+        if accelerator.is_main_process:
+            info = {"num_processes": self.world, "distributed_type": str(accelerator.distributed_type),
+                    "mixed_precision": accelerator.mixed_precision, "steps": len(self.steps),
+                    "pairs": len(pairs), "loss": loss_cfg.name, "curriculum": self.curriculum}
+            write_text_atomic(self.stage_dir / "train_info.json", json.dumps(info, indent=2))
 
     def _lr_lambda(self, total):
         warmup = int(self.cfg.warmup_ratio * total)
@@ -260,7 +273,8 @@ class Trainer:
             if isinstance(alpha, torch.Tensor):
                 log.setdefault(f"alpha_{which}", []).extend(alpha.tolist())
         # DDP averages gradients over processes; undo it so that the sum over the step is exact.
-        return loss * self.world
+        # DeepSpeed also divides by its accumulation steps; undo that too.
+        return loss * self.world * (self.cfg.grad_accum if self.deepspeed else 1)
 
     def fit(self):
         """Run the remaining steps; returns the unwrapped student."""
@@ -330,7 +344,8 @@ class Trainer:
                 record[f"alpha_{which}_mean"] = float(gathered.mean())
                 record[f"alpha_{which}_min"] = float(gathered.min())
                 record[f"alpha_{which}_max"] = float(gathered.max())
-        record.update({"beta": beta, "lr": lr, "grad_norm": float(grad_norm),
+        grad_norm = float("nan") if grad_norm is None else float(grad_norm)  # None under DeepSpeed
+        record.update({"beta": beta, "lr": lr, "grad_norm": grad_norm, "world_size": self.world,
                        "tokens_per_s": agg["tokens"] / max(seconds, 1e-9), "step_s": seconds})
         if acc.is_main_process:
             if step % max(1, self.cfg.log_every) == 0 or step == len(self.steps):

@@ -1,0 +1,104 @@
+"""The training loop: every loss trains, accumulation equals one big batch, collation is right."""
+
+import json
+
+import pytest
+import torch
+
+from distillm2 import models
+from distillm2.config import LossConfig, TrainConfig
+from distillm2.data import collate, encode
+from distillm2.losses import LOSSES
+from distillm2.pipeline import make_accelerator
+from distillm2.train import Schedule, Trainer, plan_steps
+
+
+def _pairs(n=8):
+    return [{"id": f"p{i}", "prompt": [{"role": "user", "content": f"explain apple number {i}"}],
+             "chosen": f"paris is the capital {i}", "rejected": f"one two {i} three",
+             "chosen_finished": True, "rejected_finished": i % 2 == 0} for i in range(n)]
+
+
+def _train(tiny, tmp_path, loss="distillm2", steps=2, grad_accum=1, batch_size=2, round_index=1,
+           reduction="sequence", lr=1e-3):
+    tok = models.load_tokenizer(str(tiny / "tok"))
+    teacher = models.load_model(str(tiny / "teacher"))
+    student = models.load_model(str(tiny / "student"))
+    pairs = _pairs(steps * grad_accum * batch_size)
+    cfg = TrainConfig(lr=lr, batch_size=batch_size, grad_accum=grad_accum, mixed_precision="no",
+                      warmup_ratio=0.0, lr_schedule="constant", reduction=reduction, checkpoint_every=0)
+    trainer = Trainer(make_accelerator("no"), student, teacher, tok, pairs, cfg, LossConfig(name=loss),
+                      tmp_path / f"{loss}-{grad_accum}", len(tok), 96, 128, Schedule(round_index=round_index))
+    trained = trainer.fit()
+    metrics = [json.loads(x) for x in (tmp_path / f"{loss}-{grad_accum}" / "metrics.jsonl").read_text().splitlines()]
+    return trained, metrics
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_every_loss_trains_two_steps(tiny, tmp_path, loss):
+    init = models.load_model(str(tiny / "student")).state_dict()
+    trained, metrics = _train(tiny, tmp_path, loss)
+    assert len(metrics) == 2
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+    changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, init[k])]
+    assert changed, "no parameter changed"
+
+
+@pytest.mark.parametrize("reduction", ["sequence", "token"])
+def test_gradient_accumulation_equals_one_big_batch(tiny, tmp_path, reduction):
+    # one step of 4 micro-batches of 1 pair vs one step of 1 micro-batch of 4 pairs
+    a, _ = _train(tiny, tmp_path / "a", steps=1, grad_accum=4, batch_size=1, reduction=reduction, lr=1e-2)
+    b, _ = _train(tiny, tmp_path / "b", steps=1, grad_accum=1, batch_size=4, reduction=reduction, lr=1e-2)
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=2e-6, msg=k)
+
+
+def test_curriculum_from_round_two(tiny, tmp_path):
+    _, m1 = _train(tiny, tmp_path / "r1", round_index=1)
+    _, m2 = _train(tiny, tmp_path / "r2", round_index=2)
+    assert "alpha_chosen_mean" not in m1[0]  # round 1: fixed alpha0
+    assert "alpha_chosen_mean" in m2[0]
+    state = json.loads((tmp_path / "r2" / "distillm2-1" / "checkpoint" / "state.json").read_text())
+    assert state["anchor_chosen"] is not None and state["anchor_rejected"] is not None
+
+
+def test_plan_is_global_and_padded_for_several_processes():
+    cfg = TrainConfig(batch_size=2, grad_accum=2, epochs=1.0)
+    one = plan_steps(10, cfg, world=1, stage_seed=3)
+    assert [len(m) for step in one for m in step] == [2, 2, 2, 2, 2]
+    two = plan_steps(10, cfg, world=2, stage_seed=3)
+    assert all(len(m) == 4 for step in two for m in step)  # wrapped around to full micro-batches
+    flat = [i for step in one for m in step for i in m]
+    assert sorted(flat) == list(range(10))
+    assert plan_steps(10, TrainConfig(epochs=2.0, batch_size=4), 1, 0)[0][0] != []
+
+
+def test_collate_aligns_responses_and_masks_prompts(tiny):
+    tok = models.load_tokenizer(str(tiny / "tok"))
+    rows = [encode(tok, [{"role": "user", "content": "hi"}], "paris is", True, 96, 128),
+            encode(tok, [{"role": "user", "content": "explain gravity in one sentence"}], "", False, 96, 128)]
+    assert rows[0].response_ids[-1] == tok.eos_token_id  # finished: end-of-turn trained
+    assert rows[1].response_ids == []  # cut by max_new_tokens and empty: nothing to train
+    b = collate(rows, tok.pad_token_id)
+    p = b.input_ids.shape[1] - b.labels.shape[1]
+    # labels are exactly the tokens after the kept positions
+    for i, r in enumerate(rows):
+        n = len(r.response_ids)
+        assert b.labels[i, :n].tolist() == r.response_ids and b.mask[i].sum() == n
+        assert b.input_ids[i, p : p + n].tolist() == r.response_ids
+        assert b.input_ids[i, p - len(r.prompt_ids) : p].tolist() == r.prompt_ids
+    assert b.keep.tolist() == list(range(p - 1, p - 1 + b.labels.shape[1]))
+    # positions restart at 0 at each row's first real token
+    first = (b.attention_mask[1] == 1).nonzero()[0].item()
+    assert b.position_ids[1, first] == 0
+
+
+def test_truncation_is_counted(tiny):
+    from distillm2.data import TruncationStats
+
+    tok = models.load_tokenizer(str(tiny / "tok"))
+    stats = TruncationStats()
+    row = encode(tok, [{"role": "user", "content": "explain gravity " * 20}], "paris " * 50, True, 16, 24, stats)
+    assert len(row.prompt_ids) == 16 and len(row.prompt_ids) + len(row.response_ids) == 24
+    assert stats.prompts == 1 and stats.responses == 1 and "truncated 1 of 1 prompts" in stats.report()
