@@ -97,24 +97,20 @@ def bar_plot(models: dict[str, dict], metrics: list[str], path: Path, title: str
     plt.close(fig)
 
 
-def evaluate_run(run, cfg) -> dict:
-    """Greedy outputs of teacher, SFT student (if any) and distilled student on the held-out
-    prompts; ROUGE-L against the teacher's and KL on the teacher's responses. Writes
-    RUN/eval/{results.json, report.md, metrics.png} and returns the results."""
+def evaluate_models(run, cfg, candidates: dict, out_dir: Path) -> dict:
+    """ROUGE-L against the teacher's greedy outputs and KL / NLL on them, per candidate model
+    (None = the teacher itself). Greedy outputs are cached in ``out_dir``."""
     from distillm2 import models as M
     from distillm2.data import load_prompts
+    from distillm2.evaluate import rouge_l, teacher_forced_kl
 
-    out_dir = run.dir / "eval"
     prompts = load_prompts(cfg.eval.prompts, limit=cfg.eval.max_prompts)
     if run.main:
         write_jsonl(out_dir / "prompts.jsonl", prompts)
-    candidates = {"teacher": None}
-    if (run.dir / "sft" / "model").exists():
-        candidates["student_sft"] = run.dir / "sft" / "model"
-    candidates["student"] = run.dir / "final"
-    outputs = {}
+    outputs, loaded = {}, {}
     for name, path in candidates.items():
         model = run.teacher if path is None else M.load_model(str(path), "float32").to(run.acc.device)
+        loaded[name] = model
         outputs[name] = run.generate(model, out_dir / f"{name}.greedy.jsonl", f"eval/{name}", greedy=True,
                                      prompts=prompts, max_new_tokens=cfg.eval.max_new_tokens)
     reference = {r["id"]: r["response"] for r in outputs["teacher"]}
@@ -122,22 +118,39 @@ def evaluate_run(run, cfg) -> dict:
     for name, path in candidates.items():
         preds = {r["id"]: r["response"] for r in outputs[name]}
         ids = [i for i in reference if i in preds]
-        results[name] = {"rouge_l": rouge_l([preds[i] for i in ids], [reference[i] for i in ids])}
-        if path is not None:
-            student = M.load_model(str(path), "float32").to(run.acc.device)
-            kl = teacher_forced_kl(student, run.teacher, run.tokenizer, prompts, outputs["teacher"],
-                                   run.vocab, batch_size=cfg.eval.batch_size, desc=f"kl {name}")
-            results[name].update({"kl_teacher_responses": kl["forward_kl"], "nll_teacher_responses": kl["nll"]})
+        results[name] = {"rouge_l": rouge_l([preds[i] for i in ids], [reference[i] for i in ids]), "n": len(ids)}
+        if path is None:
+            results[name].update(kl_teacher_responses=0.0)
+            continue
+        cache = out_dir / f"{name}.kl.json"
+        if cache.exists():
+            kl = json.loads(cache.read_text())
         else:
-            results[name]["kl_teacher_responses"] = 0.0
-        results[name]["n"] = len(ids)
-    report = {"models": results, "prompts": cfg.eval.prompts, "n_prompts": len(prompts)}
+            kl = teacher_forced_kl(loaded[name], run.teacher, run.tokenizer, prompts, outputs["teacher"],
+                                   run.vocab, batch_size=cfg.eval.batch_size, desc=f"kl {name}")
+            if run.main:
+                write_text_atomic(cache, json.dumps(kl))
+        results[name].update(kl_teacher_responses=kl["forward_kl"], nll_teacher_responses=kl["nll"])
+    return results
+
+
+def evaluate_run(run, cfg) -> dict:
+    """Teacher, SFT student (if the run had a warm-up) and distilled student on the held-out
+    prompts. Writes RUN/eval/{results.json, report.md, metrics.png} and returns the results."""
+    out_dir = run.dir / "eval"
+    candidates = {"teacher": None}
+    if (run.dir / "sft" / "model").exists():
+        candidates["student_sft"] = run.dir / "sft" / "model"
+    candidates["student"] = run.dir / "final"
+    results = evaluate_models(run, cfg, candidates, out_dir)
+    report = {"models": results, "prompts": cfg.eval.prompts, "n_prompts": next(iter(results.values()))["n"]}
     if run.main:
         write_text_atomic(out_dir / "results.json", json.dumps(report, indent=2))
-        table = format_table(results, {"rouge_l": "(higher better)", "kl_teacher_responses": "(lower better)",
-                                       "nll_teacher_responses": "(lower better)"})
+        table = format_table({k: {m: v for m, v in r.items() if m != "n"} for k, r in results.items()},
+                             {"rouge_l": "(higher better)", "kl_teacher_responses": "(lower better)",
+                              "nll_teacher_responses": "(lower better)"})
         write_text_atomic(out_dir / "report.md", f"# Evaluation of {run.dir}\n\n{table}\n")
         bar_plot(results, ["rouge_l", "kl_teacher_responses"], out_dir / "metrics.png",
                  "held-out prompts (ROUGE-L higher, KL lower is better)")
-        print(f"\nevaluation on {len(prompts)} held-out prompts ({out_dir}):\n{table}", flush=True)
+        print(f"\nevaluation on {report['n_prompts']} held-out prompts ({out_dir}):\n{table}", flush=True)
     return report

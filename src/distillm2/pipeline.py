@@ -17,6 +17,7 @@ import torch
 
 from distillm2.config import RunConfig, to_yaml
 from distillm2.data import load_prompts, make_pairs, read_jsonl, write_jsonl, write_text_atomic
+from distillm2.losses import LOSSES
 from distillm2.progress import logger, setup_logging
 
 
@@ -244,7 +245,10 @@ def run(cfg: RunConfig) -> Path:
             student = r.load_student(previous)
         if k > 1 and cfg.generation.teacher_per_round:
             teacher_rows = r.generate(r.teacher, rdir / "teacher.jsonl", f"round-{k}/teacher")
-        student_rows = r.generate(student, rdir / "student.jsonl", f"round-{k}/student")
+        if "rejected" in LOSSES[cfg.loss.name].rows:
+            student_rows = r.generate(student, rdir / "student.jsonl", f"round-{k}/student")
+        else:  # sft, seqkd, kd never read student responses: do not sample them
+            student_rows = [dict(t, response="", finish_reason="length") for t in teacher_rows]
         pairs, missing = make_pairs(r.prompts, teacher_rows, student_rows)
         if missing:
             logger.warning("round %d: %d prompts lack a teacher or student response", k, missing)

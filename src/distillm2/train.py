@@ -28,8 +28,14 @@ import torch
 
 from distillm2.config import LossConfig, TrainConfig
 from distillm2.data import TruncationStats, collate, encode, write_text_atomic
-from distillm2.losses import LOSSES, adaptive_alpha, beta_schedule, distillation_loss, sequence_mean
-from distillm2.losses import token_cross_entropy
+from distillm2.losses import (
+    LOSSES,
+    adaptive_alpha,
+    beta_schedule,
+    distillation_loss,
+    sequence_mean,
+    token_cross_entropy,
+)
 from distillm2.progress import logger, progress_bar
 
 
