@@ -5,7 +5,8 @@ both models, the stacked log-space mixture and its logsumexp), differentiated by
 :func:`distillm2.losses.distillm2_loss`. Both see the same inputs in one process.
 
 Peak extra memory = peak resident memory (VmHWM, reset through /proc/self/clear_refs) during
-forward + backward, minus the resident memory just before (inputs already allocated).
+forward + backward, minus the resident memory just before (inputs already allocated); with
+``--device cuda``, the CUDA allocator's peak minus what was allocated before.
 
     python benchmarks/losses.py                 # the sizes; writes benchmarks/out/losses.json + .png
     python benchmarks/losses.py --quick         # small sizes, for a smoke test
@@ -66,27 +67,36 @@ def _reset_peak():
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
 
 
-def run_case(impl, batch, length, vocab, dtype, repeats, seed=0):
+def run_case(impl, batch, length, vocab, dtype, repeats, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
 
     def logits():
-        return (torch.randn((batch, length, vocab), generator=g) * 2).to(dtype)
+        return (torch.randn((batch, length, vocab), generator=g) * 2).to(dtype).to(device)
 
     sc, tc, sr, tr = logits(), logits(), logits(), logits()
     sc.requires_grad_(True)
     sr.requires_grad_(True)
-    mask = torch.ones((batch, length), dtype=torch.bool)
+    mask = torch.ones((batch, length), dtype=torch.bool, device=device)
+    cuda = device.startswith("cuda")
     times, peaks, value = [], [], None
     for _ in range(repeats):
         sc.grad = sr.grad = None
         gc.collect()
-        before = _status_kib("VmRSS")
-        _reset_peak()
+        if cuda:  # GPU: allocator peak above what was allocated before
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated() / 2**20
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            before = _status_kib("VmRSS") / 1024
+            _reset_peak()
         start = time.perf_counter()
         loss = IMPLS[impl](sc, tc, mask, sr, tr, mask)
         loss.backward()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-        peaks.append((_status_kib("VmHWM") - before) / 1024)
+        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _status_kib("VmHWM") / 1024
+        peaks.append(peak - before)
         value = float(loss.detach())
         del loss
     del sc, tc, sr, tr
@@ -102,6 +112,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/out/losses.json")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (GPU memory: allocator peak)")
     args = parser.parse_args(argv)
 
     if args.quick:
@@ -113,7 +124,7 @@ def main(argv=None):
         for dtype in (torch.float32, torch.bfloat16):
             result = {}
             for impl in IMPLS:
-                result[impl] = run_case(impl, batch, length, vocab, dtype, args.repeats)
+                result[impl] = run_case(impl, batch, length, vocab, dtype, args.repeats, device=args.device)
             rel = abs(result["naive"]["loss"] - result["distillm2"]["loss"]) / abs(result["naive"]["loss"])
             row = {
                 "shape_each": [batch, length, vocab],
@@ -128,8 +139,9 @@ def main(argv=None):
             rows.append(row)
             print_row(row, header=len(rows) == 1)
 
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-            "machine": platform.processor() or platform.machine(), "repeats": args.repeats}
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
+            "machine": torch.cuda.get_device_name() if args.device.startswith("cuda")
+            else platform.processor() or platform.machine(), "repeats": args.repeats}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")

@@ -1,10 +1,14 @@
 """The README's quick start is exactly two commands, and both are the ones that are run."""
 
+import json
+import os
 import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,13 +29,25 @@ def test_quick_start_is_two_commands_and_ci_runs_the_second():
     assert main_cmd.split(" && ")[1] == test_cmd.split(" && ")[1]
 
 
+@pytest.mark.slow
 def test_main_command_job_runs(tmp_path):
-    """Runs the main command's job (the part after the install, which CI's own install covers)
-    on the small sizes; the full sizes are what docs/results.md reports."""
+    """The main command's job (`distillm2 demo`, the part after the install, which CI's own
+    install covers), through the installed console script, on a reduced budget; the full-size
+    run and its time are in docs/results.md."""
     job = shlex.split(quick_start_commands()[0].split(" && ")[-1])
-    assert job[:2] == ["python", "benchmarks/losses.py"]
-    out = tmp_path / "losses.json"
-    result = subprocess.run([sys.executable, *job[1:], "--quick", "--repeats", "1", "--out", str(out)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "naive" in result.stdout and out.exists() and out.with_suffix(".png").exists()
+    assert job == ["distillm2", "demo"]
+    exe = Path(sys.executable).with_name("distillm2")
+    small = ["data.max_prompts=8", "eval.max_prompts=4", "generation.max_new_tokens=8",
+             "eval.max_new_tokens=8", "train.checkpoint_every=0"]
+    result = subprocess.run([str(exe), "demo", "--output-dir", str(tmp_path / "demo"),
+                             *[a for kv in small for a in ("--set", kv)]],
+                            capture_output=True, text=True, timeout=900,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "demo" / "eval" / "results.json").read_text())
+    assert set(report["models"]) == {"teacher", "student_sft", "student"}
+    for metrics in report["models"].values():
+        assert {"rouge_l", "kl_teacher_responses"} <= set(metrics)
+    assert "rouge_l" in result.stdout  # the table is printed
+    assert (tmp_path / "demo" / "eval" / "metrics.png").exists()
+    assert (tmp_path / "demo" / "round-2" / "model").exists()  # at least 2 DistiLLM-2 rounds

@@ -40,7 +40,7 @@ def test_every_loss_trains_two_steps(tiny, tmp_path, loss):
     trained, metrics = _train(tiny, tmp_path, loss)
     assert len(metrics) == 2
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
-    changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, init[k])]
+    changed = [k for k, v in trained.state_dict().items() if not torch.equal(v.cpu(), init[k])]
     assert changed, "no parameter changed"
 
 
@@ -51,7 +51,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny, tmp_path, reduction):
     b, _ = _train(tiny, tmp_path / "b", steps=1, grad_accum=1, batch_size=4, reduction=reduction, lr=1e-2)
     sa, sb = a.state_dict(), b.state_dict()
     for k in sa:
-        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=2e-6, msg=k)
+        torch.testing.assert_close(sa[k].cpu(), sb[k].cpu(), rtol=0, atol=2e-6, msg=k)
 
 
 def test_curriculum_from_round_two(tiny, tmp_path):

@@ -11,16 +11,26 @@ instead of several float32 ``[B, T, V]`` tensors kept alive between forward and 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-# Elements per float32 chunk (rows x V). 2**18 floats = 1 MiB per temporary: the handful of
-# temporaries a kernel keeps alive fits in the L2/L3 caches, which is what makes the chunked pass
-# faster than the naive one, not only leaner (benchmarks/losses.py measures it).
-CHUNK_ELEMENTS = 2**20
+# Elements per float32 chunk (rows x V). On a CPU, 2**20 floats = 4 MiB per temporary: the
+# handful of temporaries a kernel keeps alive stays in the L3 cache, which is what makes the
+# chunked pass faster than the naive one, not only leaner (2**16 to 2**20 measured within noise of
+# each other here). On a GPU, kernel launches dominate small chunks (3.5-4.7x slower than naive at
+# 2**20 on an H200), so chunks are 16x larger there: 64 MiB per temporary.
+# DISTILLM2_CHUNK_ELEMENTS overrides both (benchmarks/losses.py measures the effect).
+CHUNK_ELEMENTS = int(os.environ.get("DISTILLM2_CHUNK_ELEMENTS", 2**20))
+CUDA_CHUNK_ELEMENTS = int(os.environ.get("DISTILLM2_CHUNK_ELEMENTS", 2**24))
+
+
+def _chunk_rows(device: torch.device, vocab: int) -> int:
+    elements = CHUNK_ELEMENTS if device.type == "cpu" else CUDA_CHUNK_ELEMENTS
+    return max(1, elements // vocab)
 
 Kernel = Callable[[Tensor, Tensor, "Tensor | None", bool], "tuple[Tensor, Tensor | None]"]
 
@@ -75,7 +85,7 @@ def _run(kernel, student, teacher, rows_b, rows_t, row_param, inv_temp, is_label
                 f"labels at masked positions must lie in [0, {vocab}), got values in "
                 f"[{int(picked.min())}, {int(picked.max())}]"
             )
-    step = max(1, CHUNK_ELEMENTS // vocab)
+    step = _chunk_rows(student.device, vocab)
     for start in range(0, rows_b.numel(), step):
         bi, ti = rows_b[start : start + step], rows_t[start : start + step]
         # Advanced indexing copies, so the in-place scaling never touches the caller's tensors.
@@ -116,7 +126,7 @@ class _ChunkedDivergence(torch.autograd.Function):
         # Row chunks: a bf16 buffer times a float32 grad_out makes a float32 temporary as large
         # as the operand, so the operand is kept chunk-sized (and grad_out is not rounded).
         flat, scale = grad.view(-1, grad.shape[-1]), grad_out.reshape(-1, 1)
-        step = max(1, CHUNK_ELEMENTS // grad.shape[-1])
+        step = _chunk_rows(grad.device, grad.shape[-1])
         for start in range(0, flat.shape[0], step):
             flat[start : start + step].mul_(scale[start : start + step])
         return grad, None, None, None, None, None, None, None

@@ -140,6 +140,10 @@ class Trainer:
         self.teacher = teacher
         if teacher is not None:
             teacher.eval().requires_grad_(False)
+            params = next(teacher.parameters(), None)
+            if isinstance(teacher, torch.nn.Module) and params is not None and params.device != accelerator.device \
+                    and not hasattr(teacher, "_fsdp_wrapped_module"):
+                teacher.to(accelerator.device)  # callers that did not place it (pipeline.place_teacher does)
         self.state = {"step": 0, "finished": False, "anchor_chosen": None, "anchor_rejected": None}
         self._resume()
         if accelerator.is_main_process:
