@@ -20,7 +20,7 @@ def test_compare_runs_end_to_end_and_resumes(tiny, tmp_path, capsys):
     out = tmp_path / "cmp"
     report = json.loads((out / "results.json").read_text())
     assert set(report["models"]) == {"teacher", "initial", "sft", "kd", "distillm2", "distillm2-const"}
-    for name, metrics in report["models"].items():
+    for metrics in report["models"].values():
         assert 0.0 <= metrics["rouge_l"] <= 1.0 and metrics["n"] == 6
         assert metrics["kl_teacher_responses"] >= 0.0
     assert report["models"]["teacher"]["rouge_l"] == 1.0

@@ -24,10 +24,18 @@ def test_rouge_l_by_hand():
         rouge_l(["a"], [])
 
 
+def test_bootstrap_ci():
+    from distillm2.evaluate import bootstrap_ci
+
+    assert bootstrap_ci([0.5] * 10) == (0.5, 0.5)  # no spread, no interval
+    low, high = bootstrap_ci([0.0, 1.0] * 50)
+    assert low < 0.5 < high and high - low < 0.25  # mean 0.5, standard error 0.05
+
+
 def test_kl_metric_by_hand(tiny):
     """teacher_forced_kl against a forward KL computed directly from the two models' logits."""
     from distillm2 import models
-    from distillm2.data import collate, encode
+    from distillm2.data import encode
     from distillm2.evaluate import teacher_forced_kl
 
     tok = models.load_tokenizer(str(tiny / "tok"))

@@ -15,7 +15,7 @@ def _cfg(tiny, out, **kw):
 
 
 def test_full_run_two_rounds(tiny, tmp_path):
-    out = run(_cfg(tiny, tmp_path / "run", sft_epochs=1.0))
+    out = run(_cfg(tiny, tmp_path / "run", sft_epochs=1.0, **{"loss.beta_schedule": "linear"}))
     for name in ("config.yaml", "prompts.jsonl", "student-init/config.json", "round-1/teacher.jsonl",
                  "round-1/student.jsonl", "round-1/pairs.jsonl", "round-1/metrics.jsonl",
                  "round-1/model", "round-2/student.jsonl", "round-2/pairs.jsonl", "sft/model",
@@ -40,3 +40,72 @@ def test_full_run_two_rounds(tiny, tmp_path):
     final = AutoModelForCausalLM.from_pretrained(out / "final")
     init = AutoModelForCausalLM.from_pretrained(out / "student-init")
     assert any(not torch.equal(a, b) for a, b in zip(final.state_dict().values(), init.state_dict().values()))
+
+
+def test_lora_run_saves_adapters_and_merges_at_the_end(tiny, tmp_path):
+    out = run(_cfg(tiny, tmp_path / "lora", rounds=1, **{"models.lora": True, "models.lora_r": 4,
+                                                         "models.lora_alpha": 8}))
+    assert (out / "round-1" / "model" / "adapter_config.json").exists()
+    from safetensors.torch import load_file
+
+    final = load_file(str(out / "final" / "model.safetensors"))
+    init = load_file(str(out / "student-init" / "model.safetensors"))
+    assert not any("lora" in k for k in final)  # merged into plain weights
+    assert final.keys() == init.keys()
+    assert any(not torch.equal(final[k], init[k]) for k in final)
+
+
+def test_cli_train_with_bf16_gradient_checkpointing_and_lora(tiny, tmp_path):
+    """`distillm2 train` in a subprocess (its own accelerate state): bf16 autocast, gradient
+    checkpointing and LoRA together."""
+    import os
+    import subprocess
+    import sys
+
+    from distillm2.data import write_jsonl
+
+    pairs = [{"id": f"p{i}", "prompt": [{"role": "user", "content": f"list three fruits {i}"}],
+              "chosen": "apples bananas and cherries", "rejected": "one two three"} for i in range(4)]
+    write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    cfg = {"pairs": str(tmp_path / "pairs.jsonl"), "output_dir": str(tmp_path / "out"),
+           "models": {"teacher": str(tiny / "teacher"), "student": str(tiny / "student"), "lora": True,
+                      "teacher_dtype": "bfloat16"},
+           "data": {"max_prompt_length": 96, "max_length": 128},
+           "train": {"batch_size": 2, "mixed_precision": "bf16", "gradient_checkpointing": True, "lr": 1e-3}}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(cfg))
+    result = subprocess.run([sys.executable, "-m", "distillm2.cli", "train", str(tmp_path / "t.yaml")],
+                            capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((tmp_path / "out" / "train" / "train_info.json").read_text())
+    assert info["mixed_precision"] == "bf16" and info["steps"] == 2
+    metrics = [json.loads(x) for x in (tmp_path / "out" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["loss"] == m["loss"] and m["grad_norm"] > 0 for m in metrics)
+    assert (tmp_path / "out" / "final" / "model.safetensors").exists()
+
+
+def test_vllm_backend_missing_gives_install_hint(tiny, tmp_path):
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    from distillm2.generate import generate_vllm
+    from distillm2.models import load_tokenizer
+
+    with pytest.raises(ImportError, match=r"distillm2\[vllm\]"):
+        generate_vllm(str(tiny / "teacher"), load_tokenizer(str(tiny / "tok")),
+                      [{"id": "a", "messages": [{"role": "user", "content": "hi"}]}], tmp_path / "o.jsonl")
+
+
+def test_every_subcommand_has_help_with_examples(capsys):
+    import pytest
+
+    from distillm2 import cli
+
+    for command in ("demo", "run", "generate", "train", "eval", "compare"):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([command, "--help"])
+        assert exit_.value.code == 0
+        assert "examples:" in capsys.readouterr().out, command

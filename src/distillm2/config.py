@@ -85,7 +85,10 @@ class LossConfig:
     alpha_min: float = 0.01
     alpha_max: float = 0.1
     curriculum: bool = True  # adaptive alpha from round 2 (DistiLLM-2 §3.3)
-    beta_schedule: str = "linear"  # "constant" or "linear"
+    # "constant" (default) or "linear" (the released code: beta0 -> beta_max over the first half).
+    # DESIGN.md left the default to the comparison: on the embedded pair (docs/results.md) the
+    # linear schedule lowered ROUGE-L by 0.024 and raised the KL, with or without the curriculum.
+    beta_schedule: str = "constant"
     beta0: float = 0.5
     beta_max: float = 0.75
     beta_ramp: float = 0.5

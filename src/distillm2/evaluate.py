@@ -20,8 +20,8 @@ from distillm2.losses import forward_kl, token_cross_entropy
 from distillm2.progress import progress_bar
 
 
-def rouge_l(predictions: list[str], references: list[str]) -> float:
-    """Mean ROUGE-L F-measure (0..1) of predictions against references (pairwise)."""
+def rouge_l_scores(predictions: list[str], references: list[str]) -> list[float]:
+    """ROUGE-L F-measure (0..1) of each prediction against its reference."""
     from rouge_score import rouge_scorer
 
     if len(predictions) != len(references):
@@ -29,7 +29,23 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
     if not predictions:
         raise ValueError("rouge_l: no predictions")
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)) / len(predictions)
+    return [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    """Mean ROUGE-L F-measure (0..1) of predictions against references (pairwise)."""
+    scores = rouge_l_scores(predictions, references)
+    return sum(scores) / len(scores)
+
+
+def bootstrap_ci(values: list[float], samples: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean of ``values`` (prompts resampled)."""
+    gen = torch.Generator().manual_seed(seed)
+    data = torch.tensor(values, dtype=torch.float64)
+    idx = torch.randint(0, len(values), (samples, len(values)), generator=gen)
+    means = data[idx].mean(1).sort().values
+    lo = int((1 - level) / 2 * samples)
+    return float(means[lo]), float(means[samples - 1 - lo])
 
 
 @torch.no_grad()
@@ -70,28 +86,42 @@ def format_table(models: dict[str, dict], better: dict[str, str] | None = None) 
     head = "| model | " + " | ".join(f"{m} {better.get(m, '')}".strip() for m in metrics) + " |"
     lines = [head, "|---" * (len(metrics) + 1) + "|"]
     for name, values in models.items():
-        cells = [f"{values[m]:.4f}" if isinstance(values.get(m), float) else str(values.get(m, "")) for m in metrics]
+        cells = [_cell(values.get(m, "")) for m in metrics]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return f"[{value[0]:.3f}, {value[1]:.3f}]"
+    return str(value)
+
+
 def bar_plot(models: dict[str, dict], metrics: list[str], path: Path, title: str) -> None:
+    """One bar chart per metric, with the 95% bootstrap interval where there is one. The teacher
+    is left out: against its own outputs it scores ROUGE-L 1 and KL 0 by definition."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.8))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics), 4.0))
     axes = [axes] if len(metrics) == 1 else axes
-    names = list(models)
+    names = [n for n in models if n != "teacher"]
     for ax, metric in zip(axes, metrics):
         values = [models[n].get(metric, float("nan")) for n in names]
-        ax.bar(range(len(names)), values, color=[f"C{i}" for i in range(len(names))])
-        ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
-        ax.set_title(metric)
+        errors = None
+        if all(f"{metric}_ci95" in models[n] for n in names):
+            errors = [[v - models[n][f"{metric}_ci95"][0] for n, v in zip(names, values)],
+                      [models[n][f"{metric}_ci95"][1] - v for n, v in zip(names, values)]]
+        ax.bar(range(len(names)), values, yerr=errors, capsize=3, color=[f"C{i}" for i in range(len(names))])
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(metric + (" (95% CI)" if errors else ""))
         for i, v in enumerate(values):
-            ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
-    fig.suptitle(title)
+            ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=7)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -102,7 +132,6 @@ def evaluate_models(run, cfg, candidates: dict, out_dir: Path) -> dict:
     (None = the teacher itself). Greedy outputs are cached in ``out_dir``."""
     from distillm2 import models as M
     from distillm2.data import load_prompts
-    from distillm2.evaluate import rouge_l, teacher_forced_kl
 
     prompts = load_prompts(cfg.eval.prompts, limit=cfg.eval.max_prompts)
     if run.main:
@@ -118,7 +147,9 @@ def evaluate_models(run, cfg, candidates: dict, out_dir: Path) -> dict:
     for name, path in candidates.items():
         preds = {r["id"]: r["response"] for r in outputs[name]}
         ids = [i for i in reference if i in preds]
-        results[name] = {"rouge_l": rouge_l([preds[i] for i in ids], [reference[i] for i in ids]), "n": len(ids)}
+        scores = rouge_l_scores([preds[i] for i in ids], [reference[i] for i in ids])
+        low, high = bootstrap_ci(scores)
+        results[name] = {"rouge_l": sum(scores) / len(scores), "rouge_l_ci95": [low, high], "n": len(ids)}
         if path is None:
             results[name].update(kl_teacher_responses=0.0)
             continue

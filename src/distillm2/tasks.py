@@ -156,7 +156,7 @@ def run_eval(cfg: EvalCommandConfig) -> dict:
     to ``cfg.output``; returns it."""
     from distillm2 import models
     from distillm2.data import DataError, load_prompts, read_jsonl, write_text_atomic
-    from distillm2.evaluate import rouge_l, teacher_forced_kl
+    from distillm2.evaluate import bootstrap_ci, rouge_l_scores, teacher_forced_kl
     from distillm2.generate import generate_hf
 
     unknown = [t for t in cfg.tasks if t not in TASKS]
@@ -200,7 +200,8 @@ def run_eval(cfg: EvalCommandConfig) -> dict:
     for task in cfg.tasks:
         if task == "rouge":
             ids = [i for i in references if i in answers]
-            results[task] = {"rouge_l": rouge_l([answers[i] for i in ids], [references[i] for i in ids]), "n": len(ids)}
+            scores = rouge_l_scores([answers[i] for i in ids], [references[i] for i in ids])
+            results[task] = {"rouge_l": sum(scores) / len(scores), "rouge_l_ci95": list(bootstrap_ci(scores)), "n": len(ids)}
         elif task == "kl":
             rows = greedy("teacher", teacher, prompts, "prompts")
             kl = teacher_forced_kl(model, teacher, tokenizer, prompts, rows, vocab, batch_size=cfg.batch_size)
@@ -273,6 +274,8 @@ def format_results(report: dict) -> str:
              "| task | metric | value |", "|---|---|---|"]
     for task, metrics in report["tasks"].items():
         for key, value in metrics.items():
-            if isinstance(value, (int, float)):
+            if isinstance(value, list) and len(value) == 2:
+                lines.append(f"| {task} | {key} | [{value[0]:.4f}, {value[1]:.4f}] |")
+            elif isinstance(value, (int, float)):
                 lines.append(f"| {task} | {key} | {value:.4f} |" if isinstance(value, float) else f"| {task} | {key} | {value} |")
     return "\n".join(lines)
