@@ -124,29 +124,36 @@ def hf_judge(model, tokenizer, max_new_tokens: int = 256):
     return complete
 
 
+def _judge_order(judge, order, questions, answers, references, bar) -> dict:
+    wins = ties = losses = unparsed = 0
+    for question, answer, reference in zip(questions, answers, references):
+        a, b = (answer, reference) if order == "model_first" else (reference, answer)
+        verdict = parse_verdict(judge(judge_messages(question, a, b)))
+        bar.update(1)
+        if verdict is None:
+            unparsed += 1
+        elif verdict == "C":
+            ties += 1
+        elif (verdict == "A") == (order == "model_first"):
+            wins += 1
+        else:
+            losses += 1
+    parsed = wins + ties + losses
+    return {"wins": wins, "ties": ties, "losses": losses, "unparsed": unparsed,
+            "win_rate": (wins + 0.5 * ties) / parsed if parsed else float("nan")}
+
+
 def pairwise_win_rate(judge, questions: list[str], answers: list[str], references: list[str]) -> dict:
     """Win rate of ``answers`` against ``references`` under ``judge`` (both orders).
 
     Returns ``win_rate``, ``ties`` (fraction of parsed verdicts that are ties, both orders),
     ``unparsed`` (count of verdicts that could not be parsed), ``n`` (pairs) and per-order detail.
     """
-    orders = {}
-    for order in ("model_first", "reference_first"):
-        wins = ties = losses = unparsed = 0
-        for question, answer, reference in zip(questions, answers, references):
-            a, b = (answer, reference) if order == "model_first" else (reference, answer)
-            verdict = parse_verdict(judge(judge_messages(question, a, b)))
-            if verdict is None:
-                unparsed += 1
-            elif verdict == "C":
-                ties += 1
-            elif (verdict == "A") == (order == "model_first"):
-                wins += 1
-            else:
-                losses += 1
-        parsed = wins + ties + losses
-        orders[order] = {"wins": wins, "ties": ties, "losses": losses, "unparsed": unparsed,
-                         "win_rate": (wins + 0.5 * ties) / parsed if parsed else float("nan")}
+    from distillm2.progress import progress_bar
+
+    with progress_bar(2 * len(questions), "judge", "verdict") as bar:
+        orders = {order: _judge_order(judge, order, questions, answers, references, bar)
+                  for order in ("model_first", "reference_first")}
     rates = [o["win_rate"] for o in orders.values() if o["win_rate"] == o["win_rate"]]
     parsed_total = sum(o["wins"] + o["ties"] + o["losses"] for o in orders.values())
     return {

