@@ -14,3 +14,6 @@ PY
 timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_losses.py tests/test_train.py tests/test_pipeline.py \
   -k "not ddp" 2>&1 | tail -25 | tee "$OUT/gpu_pytest.txt"
 timeout 200 python3 benchmarks/losses.py --device cuda --repeats 3 --out "$OUT/losses_gpu.json" 2>&1 | tail -12 | tee "$OUT/gpu_bench.txt"
+# the same with 4x smaller GPU chunks (2^22 elements), to see the time/memory trade-off
+DISTILLM2_CHUNK_ELEMENTS=4194304 timeout 200 python3 benchmarks/losses.py --device cuda --repeats 3 \
+  --out "$OUT/losses_gpu_chunk22.json" 2>&1 | tail -6 | tee "$OUT/gpu_bench_chunk22.txt"
