@@ -70,7 +70,7 @@ def test_demo_prompt_set():
 def test_unknown_config_key_lists_valid_keys(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"train": {"lrr": 1e-4}}))
-    with pytest.raises(ConfigError, match=r"unknown key train\.lrr; valid keys in train: lr, weight_decay"):
+    with pytest.raises(ConfigError, match=r"unknown key train\.lrr; valid keys in train: optimizer, lr, weight_decay"):
         load_config(RunConfig, path)
     path.write_text(yaml.safe_dump({"roundz": 2}))
     with pytest.raises(ConfigError, match="valid keys: output_dir, rounds"):

@@ -60,6 +60,7 @@ class GenerationConfig:
 
 @dataclass
 class TrainConfig:
+    optimizer: str = "adamw"  # "adamw" (the paper) or "sgd" (plain, no momentum)
     lr: float = 5e-5
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -134,6 +135,7 @@ class TrainStageConfig:
 CHOICES = {
     "generation.backend": ("hf", "vllm"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.optimizer": ("adamw", "sgd"),
     "train.reduction": ("sequence", "token"),
     "train.lr_schedule": ("cosine", "constant"),
     "loss.beta_schedule": ("constant", "linear"),

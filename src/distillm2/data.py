@@ -48,7 +48,7 @@ def write_jsonl(path: str | Path, rows) -> None:
     """Write rows to a temporary file and rename it over ``path`` (readers never see half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: no two writers share it
     with tmp.open("w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -76,7 +76,7 @@ def drop_partial_tail(path: str | Path) -> bool:
     if data.endswith(b"\n"):
         return False
     keep = data[: data.rfind(b"\n") + 1]
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: no two writers share it
     tmp.write_bytes(keep)
     tmp.replace(path)
     return True
@@ -85,7 +85,7 @@ def drop_partial_tail(path: str | Path) -> bool:
 def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: no two writers share it
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
 

@@ -109,9 +109,10 @@ class Trainer:
         self.crash_after_steps = crash_after_steps
         self.spec = LOSSES[loss_cfg.name]
         self.encoded, stats = _encode_pairs(pairs, tokenizer, self.spec.rows, max_prompt_length, max_length)
-        if stats.prompts or stats.responses:
-            logger.warning("%s: %s", self.stage_dir.name, stats.report())
-        write_text_atomic(self.stage_dir / "truncation.json", json.dumps(stats.__dict__))
+        if accelerator.is_main_process:  # one writer: ranks share the file system
+            if stats.prompts or stats.responses:
+                logger.warning("%s: %s", self.stage_dir.name, stats.report())
+            write_text_atomic(self.stage_dir / "truncation.json", json.dumps(stats.__dict__))
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.steps = plan_steps(len(pairs), train_cfg, self.world, stage_seed)
         self.curriculum = (loss_cfg.name == "distillm2" and loss_cfg.curriculum
@@ -123,8 +124,11 @@ class Trainer:
                 student.enable_input_require_grads()
         student.train()
         params = [p for p in student.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, betas=tuple(train_cfg.adam_betas),
-                                      weight_decay=train_cfg.weight_decay)
+        if train_cfg.optimizer == "sgd":
+            optimizer = torch.optim.SGD(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, betas=tuple(train_cfg.adam_betas),
+                                          weight_decay=train_cfg.weight_decay)
         from accelerate.utils import DistributedType
 
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
