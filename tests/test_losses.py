@@ -374,6 +374,13 @@ def test_distillm2_loss_matches_reference():
     torch.testing.assert_close(out.loss.double(), loss.detach(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(xc.grad.double(), c64.grad, rtol=1e-4, atol=1e-8)
     torch.testing.assert_close(xr.grad.double(), r64.grad, rtol=1e-4, atol=1e-8)
+    # the named-loss path computes the same objective
+    named = L.distillation_loss("distillm2", student_chosen=sc, teacher_chosen=tc, mask_chosen=mc,
+                                student_rejected=sr, teacher_rejected=tr, mask_rejected=mr,
+                                alpha_chosen=ac, alpha_rejected=ar, beta=beta, temperature=tau)
+    torch.testing.assert_close(named.loss.double(), loss.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(named.terms["skl"], out.skl.detach())
+    torch.testing.assert_close(named.terms["srkl"], out.srkl.detach())
 
 
 @pytest.mark.parametrize("name", list(L.LOSSES))

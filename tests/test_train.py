@@ -75,7 +75,8 @@ def test_plan_is_global_and_padded_for_several_processes():
     assert all(len(m) == 4 for step in two for m in step)  # wrapped around to full micro-batches
     flat = [i for step in one for m in step for i in m]
     assert sorted(flat) == list(range(10))
-    assert plan_steps(10, TrainConfig(epochs=2.0, batch_size=4), 1, 0)[0][0] != []
+    two_epochs = [i for step in plan_steps(10, TrainConfig(epochs=2.0, batch_size=4), 1, 0) for m in step for i in m]
+    assert sorted(two_epochs) == sorted(list(range(10)) * 2)  # every pair exactly twice
 
 
 def test_collate_aligns_responses_and_masks_prompts(tiny):

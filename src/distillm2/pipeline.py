@@ -234,7 +234,7 @@ def run(cfg: RunConfig) -> Path:
                                     Schedule(round_index=0))
             previous = sft_dir / "model"
 
-    steps_per_round = num_steps(len(r.prompts), dataclasses.replace(cfg.train), r.acc.num_processes)
+    steps_per_round = num_steps(len(r.prompts), cfg.train, r.acc.num_processes)
     total = steps_per_round * cfg.rounds
     for k in range(1, cfg.rounds + 1):
         rdir = r.dir / f"round-{k}"

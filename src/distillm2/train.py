@@ -17,6 +17,7 @@ already taken, so a resumed stage equals an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -312,7 +313,7 @@ class Trainer:
                     k, batch = self._rows(indices)
                     log["tokens"] += int(batch.attention_mask.sum())
                     sync = m == len(step_batches) - 1
-                    ctx = acc.no_sync(self.student) if not sync else _nullcontext()
+                    ctx = acc.no_sync(self.student) if not sync else contextlib.nullcontext()
                     with ctx:
                         student_logits, teacher_logits = self._logits(batch)
                         loss = self._loss(k, batch, student_logits, teacher_logits, beta, denom, log)
@@ -368,10 +369,3 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
 
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
