@@ -11,7 +11,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from distillm2.data import make_pairs, read_jsonl, write_jsonl
+from distillm2.data import make_pairs
+from distillm2.files import read_jsonl, write_jsonl
 
 
 def _pairs(tiny, path):

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from distillm2.evaluate import rouge_l
-from distillm2.judge import CachedJudge, pairwise_win_rate, parse_verdict
-from distillm2.sandbox import run_program
-from distillm2.tasks import extract_answer, extract_code, gsm8k_reference
+from distillm2.evaluation.benchmarks import extract_answer, extract_code, gsm8k_reference
+from distillm2.evaluation.judge import CachedJudge, pairwise_win_rate, parse_verdict
+from distillm2.evaluation.metrics import rouge_l
+from distillm2.evaluation.sandbox import run_program
 
 
 def test_rouge_l_by_hand():
@@ -25,7 +25,7 @@ def test_rouge_l_by_hand():
 
 
 def test_bootstrap_ci():
-    from distillm2.evaluate import bootstrap_ci
+    from distillm2.evaluation.metrics import bootstrap_ci
 
     assert bootstrap_ci([0.5] * 10) == (0.5, 0.5)  # no spread, no interval
     low, high = bootstrap_ci([0.0, 1.0] * 50)
@@ -36,7 +36,7 @@ def test_kl_metric_by_hand(tiny):
     """teacher_forced_kl against a forward KL computed directly from the two models' logits."""
     from distillm2 import models
     from distillm2.data import encode
-    from distillm2.evaluate import teacher_forced_kl
+    from distillm2.evaluation.metrics import teacher_forced_kl
 
     tok = models.load_tokenizer(str(tiny / "tok"))
     teacher, student = models.load_model(str(tiny / "teacher")), models.load_model(str(tiny / "student"))
@@ -158,7 +158,7 @@ def test_sandbox_leaves_nothing_behind():
 def test_humaneval_on_a_fixture(tmp_path, tiny):
     """The humaneval task end to end on a two-problem fixture: the tiny model's completions
     fail, and the canonical solutions, fed as references through the same path, pass."""
-    from distillm2.tasks import load_humaneval
+    from distillm2.evaluation.benchmarks import load_humaneval
 
     problems = [
         {"task_id": "t/0", "prompt": "def add(a, b):\n    \"\"\"Add.\"\"\"\n", "entry_point": "add",
@@ -175,9 +175,11 @@ def test_humaneval_on_a_fixture(tmp_path, tiny):
         wrong = extract_code("    return None\n", p["prompt"], p["entry_point"])
         assert not run_program(f"{wrong}\n{p['test']}\ncheck({p['entry_point']})\n").passed
 
-    from distillm2.tasks import EvalCommandConfig, run_eval
+    from distillm2.config import EvaluateConfig, HumanEvalConfig
+    from distillm2.evaluation import evaluate
 
-    report = run_eval(EvalCommandConfig(model=str(tiny / "teacher"), tasks=["humaneval"], humaneval_data=str(path),
-                                        output=str(tmp_path / "he.json"), max_new_tokens=8, code_timeout=5))
+    report = evaluate(EvaluateConfig(model=str(tiny / "teacher"), tasks=["humaneval"],
+                                     humaneval=HumanEvalConfig(data=str(path), timeout=5),
+                                     output=str(tmp_path / "he.json"), max_new_tokens=8))
     assert report["tasks"]["humaneval"]["n"] == 2 and report["tasks"]["humaneval"]["pass@1"] == 0.0
     assert json.loads((tmp_path / "he.json").read_text())["tasks"]["humaneval"]["pass@1"] == 0.0

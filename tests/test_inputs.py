@@ -11,9 +11,10 @@ from tiny import make_model, make_tokenizer
 
 from distillm2 import cli
 from distillm2.config import ConfigError, RunConfig, load_config
-from distillm2.data import DataError, load_prompts, prompt_id, read_jsonl
-from distillm2.demo_prompts import demo_prompts
-from distillm2.models import TokenizerMismatch, derive_student, evenly_spaced_layers, load_model
+from distillm2.data import demo_prompts, load_prompts, prompt_id
+from distillm2.errors import DataError, TokenizerMismatch
+from distillm2.files import read_jsonl
+from distillm2.models import derive_student, evenly_spaced_layers, load_model
 
 
 def test_malformed_jsonl_line_names_file_and_line(tmp_path):

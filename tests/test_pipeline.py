@@ -62,7 +62,7 @@ def test_cli_train_with_bf16_gradient_checkpointing_and_lora(tiny, tmp_path):
     import subprocess
     import sys
 
-    from distillm2.data import write_jsonl
+    from distillm2.files import write_jsonl
 
     pairs = [{"id": f"p{i}", "prompt": [{"role": "user", "content": f"list three fruits {i}"}],
               "chosen": "apples bananas and cherries", "rejected": "one two three"} for i in range(4)]
@@ -91,7 +91,7 @@ def test_vllm_backend_missing_gives_install_hint(tiny, tmp_path):
 
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed here")
-    from distillm2.generate import generate_vllm
+    from distillm2.generation import generate_vllm
     from distillm2.models import load_tokenizer
 
     with pytest.raises(ImportError, match=r"distillm2\[vllm\]"):

@@ -8,8 +8,8 @@ import torch
 from distillm2 import models
 from distillm2.config import LossConfig, TrainConfig
 from distillm2.data import collate, encode
+from distillm2.distributed import make_accelerator
 from distillm2.losses import LOSSES
-from distillm2.pipeline import make_accelerator
 from distillm2.train import Schedule, Trainer, plan_steps
 
 
@@ -27,8 +27,9 @@ def _train(tiny, tmp_path, loss="distillm2", steps=2, grad_accum=1, batch_size=2
     pairs = _pairs(steps * grad_accum * batch_size)
     cfg = TrainConfig(optimizer=optimizer, lr=lr, batch_size=batch_size, grad_accum=grad_accum, mixed_precision="no",
                       warmup_ratio=0.0, lr_schedule="constant", reduction=reduction, checkpoint_every=0)
-    trainer = Trainer(make_accelerator("no"), student, teacher, tok, pairs, cfg, LossConfig(name=loss),
-                      tmp_path / f"{loss}-{grad_accum}", len(tok), 96, 128, Schedule(round_index=round_index))
+    trainer = Trainer(accelerator=make_accelerator("no"), student=student, teacher=teacher, tokenizer=tok, pairs=pairs,
+                      train_cfg=cfg, loss_cfg=LossConfig(name=loss), stage_dir=tmp_path / f"{loss}-{grad_accum}",
+                      vocab=len(tok), max_prompt_length=96, max_length=128, schedule=Schedule(round_index=round_index))
     trained = trainer.fit()
     metrics = [json.loads(x) for x in (tmp_path / f"{loss}-{grad_accum}" / "metrics.jsonl").read_text().splitlines()]
     return trained, metrics

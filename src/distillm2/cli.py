@@ -1,11 +1,21 @@
-"""The ``distillm2`` command: a thin front over the library (each subcommand builds a config and
-calls one library function)."""
+"""The ``distillm2`` command: a thin front over the library. Every command takes an optional
+YAML config, ``--set key=value`` overrides and a few flags for the keys people type most; each
+builds its config (:mod:`distillm2.config`, where every default and help line lives) and calls
+one library function. Expected failures print one line and exit with status 2."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import typing
 from importlib import resources
+
+import yaml
+
+from distillm2 import comparison, config, evaluation, generation, pipeline
+from distillm2._version import __version__
+from distillm2.errors import UserError
 
 EPILOGS = {
     "demo": """examples:
@@ -14,7 +24,7 @@ EPILOGS = {
     "run": """examples:
   distillm2 run configs/qwen2.5-7b-to-1.5b.yaml
   distillm2 run my.yaml --set rounds=2 --set loss.beta_schedule=constant
-  accelerate launch --config_file configs/accelerate/ddp.yaml -m distillm2.cli run my.yaml
+  accelerate launch --config_file configs/accelerate/ddp.yaml -m distillm2 run my.yaml
 Re-running the same command continues an interrupted run.""",
     "generate": """examples:
   distillm2 generate --model smollm2-135m-instruct --prompts prompts.jsonl --output out.jsonl
@@ -22,9 +32,9 @@ Re-running the same command continues an interrupted run.""",
       --output answers.jsonl --max-new-tokens 512 --greedy""",
     "eval": """examples:
   distillm2 eval --model runs/demo/final --teacher smollm2-135m-instruct --tasks rouge,kl,speculative --limit 50
-  distillm2 eval --model runs/demo/final --tasks gsm8k --data gsm8k/test.jsonl --limit 200
+  distillm2 eval --model runs/demo/final --tasks gsm8k --gsm8k-data gsm8k/test.jsonl --limit 200
   distillm2 eval --model runs/demo/final --tasks humaneval --limit 20
-  distillm2 eval --model runs/demo/final --teacher smollm2-135m-instruct --tasks judge \
+  distillm2 eval --model runs/demo/final --teacher smollm2-135m-instruct --tasks judge \\
       --judge-model gpt-4o --judge-base-url https://api.openai.com/v1   # key: $OPENAI_API_KEY""",
     "compare": """examples:
   distillm2 compare configs/compare-demo.yaml
@@ -32,156 +42,137 @@ Re-running the same command continues an interrupted run.""",
     "train": """examples:
   distillm2 train train.yaml          # pairs: RUN/round-1/pairs.jsonl, models:, train:, loss:
   distillm2 train train.yaml --set loss.name=gkd --set train.lr=1e-4""",
+    "config": """examples:
+  distillm2 config show run
+  distillm2 config show eval""",
 }
+
+HELP = {
+    "demo": "distil the embedded SmolLM2-135M-Instruct into a derived student on this machine, then evaluate",
+    "run": "run (or continue) the whole pipeline from a YAML config",
+    "train": "train one stage on an existing pairs file",
+    "generate": "sample responses of one model for a prompt file (resumable JSONL)",
+    "eval": "evaluate a model: " + ", ".join(("rouge", "kl", "judge", "gsm8k", "humaneval", "speculative")),
+    "compare": "train the baselines and DistiLLM-2 from one student on one budget, evaluate, plot",
+    "config": "print every key of a command's config with its default and help",
+}
+
+# The flags of each command: flag -> config key (type, default and help come from the field).
+FLAGS = {
+    "demo": {"--output-dir": "output_dir"},
+    "run": {"--output-dir": "output_dir"},
+    "train": {"--output-dir": "output_dir", "--pairs": "pairs"},
+    "compare": {"--output-dir": "output_dir"},
+    "generate": {"--model": "model", "--prompts": "prompts", "--output": "output", "--field": "field",
+                 "--limit": "limit", "--seed": "seed", "--max-new-tokens": "generation.max_new_tokens",
+                 "--temperature": "generation.temperature", "--top-p": "generation.top_p",
+                 "--greedy": "generation.greedy", "--batch-size": "generation.batch_size",
+                 "--dtype": "generation.dtype", "--backend": "generation.backend"},
+    "eval": {"--model": "model", "--teacher": "teacher", "--tasks": "tasks", "--prompts": "prompts",
+             "--references": "references", "--limit": "limit", "--output": "output",
+             "--max-new-tokens": "max_new_tokens", "--batch-size": "batch_size", "--dtype": "dtype",
+             "--judge": "judge.model", "--judge-model": "judge.api_model", "--judge-base-url": "judge.base_url",
+             "--judge-api-key": "judge.api_key", "--gsm8k-data": "gsm8k.data", "--humaneval-data": "humaneval.data"},
+}
+CONFIG_REQUIRED = ("run", "compare", "train")
+
+
+def _field(cls, key: str):
+    """The dataclass field and type hint behind a dotted config key."""
+    *sections, name = key.split(".")
+    for section in sections:
+        cls = typing.get_type_hints(cls)[section]
+    return next(f for f in dataclasses.fields(cls) if f.name == name), typing.get_type_hints(cls)[name]
+
+
+def _add_flags(parser, command: str) -> None:
+    cls = config.COMMANDS[command]
+    for flag, key in FLAGS.get(command, {}).items():
+        f, hint = _field(cls, key)
+        meta = f.metadata
+        help_ = f"{meta.get('help', '')} ({key})"
+        if hint is bool:
+            parser.add_argument(flag, dest=key, action="store_const", const=True, default=None, help=help_)
+            continue
+        choices = meta.get("choices")
+        parser.add_argument(flag, dest=key, default=None, help=help_, metavar=key.split(".")[-1].upper(),
+                            choices=choices if isinstance(choices, tuple) else None)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distillm2", description="Distil LLMs with DistiLLM-2 (Ko et al., ICML 2025).")
+    p.add_argument("--version", action="version", version=f"distillm2 {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-
-    def add(name, help_):
-        return sub.add_parser(name, help=help_, description=help_, epilog=EPILOGS.get(name),
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-
-    d = add("demo", "distil the embedded SmolLM2-135M-Instruct into a derived student on this machine, then evaluate")
-    d.add_argument("--output-dir", default="runs/demo")
-    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-
-    r = add("run", "run (or continue) the whole pipeline from a YAML config")
-    r.add_argument("config")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-
-    g = add("generate", "sample responses of one model for a prompt file (resumable JSONL)")
-    g.add_argument("--model", required=True, help="hub id, local directory or smollm2-135m-instruct")
-    g.add_argument("--prompts", required=True, help="prompt file (.jsonl/.json/.parquet/.csv) or demo:<split>")
-    g.add_argument("--output", required=True)
-    g.add_argument("--field", default=None, help="column with the prompt (string or messages list)")
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--greedy", action="store_true")
-    g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--limit", type=int, default=None)
-
-    e = add("eval", "evaluate a model: rouge, kl, judge, gsm8k, humaneval, speculative")
-    e.add_argument("--model", required=True)
-    e.add_argument("--teacher", default=None, help="reference model for rouge/judge, needed by kl and speculative")
-    e.add_argument("--tasks", default="rouge", help="comma-separated: rouge,kl,judge,gsm8k,humaneval,speculative")
-    e.add_argument("--prompts", default="demo:heldout", help="instruction prompts (rouge, kl, judge, speculative)")
-    e.add_argument("--data", default=None, help="data file of the gsm8k or humaneval task")
-    e.add_argument("--gsm8k-data", default=None)
-    e.add_argument("--humaneval-data", default=None)
-    e.add_argument("--references", default=None, help='JSONL {"id", "response"}: reference answers (rouge, judge)')
-    e.add_argument("--limit", type=int, default=None)
-    e.add_argument("--output", default="eval.json")
-    e.add_argument("--max-new-tokens", type=int, default=256)
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    e.add_argument("--judge", default=None, help="local judge model (hub id, directory, embedded name)")
-    e.add_argument("--judge-model", default=None, help="judge model name at an OpenAI-compatible endpoint")
-    e.add_argument("--judge-base-url", default=None, help="default $OPENAI_BASE_URL")
-    e.add_argument("--judge-api-key", default=None, help="default $OPENAI_API_KEY")
-    e.add_argument("--gsm8k-fewshot", type=int, default=0)
-    e.add_argument("--gsm8k-fewshot-data", default=None)
-    e.add_argument("--code-timeout", type=float, default=10.0)
-
-    c = add("compare", "train the baselines and DistiLLM-2 from one student on one budget, evaluate, plot")
-    c.add_argument("config")
-    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-
-    t = add("train", "train one stage on an existing pairs file")
-    t.add_argument("config")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    for command in ("demo", "run", "train", "generate", "eval", "compare"):
+        s = sub.add_parser(command, help=HELP[command], description=HELP[command], epilog=EPILOGS.get(command),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if command in CONFIG_REQUIRED:
+            s.add_argument("config", help=f"YAML config (see `distillm2 config show {command}`)")
+        else:
+            s.add_argument("config", nargs="?", default=None,
+                           help=f"optional YAML config (see `distillm2 config show {command}`)")
+        s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one config key, e.g. --set train.lr=1e-4 (repeatable; the value is YAML)")
+        _add_flags(s, command)
+    c = sub.add_parser("config", help=HELP["config"], description=HELP["config"], epilog=EPILOGS["config"],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("action", choices=["show"])
+    c.add_argument("name", choices=sorted(config.COMMANDS), help="the command whose config to show")
     return p
 
 
-def demo_config(output_dir: str, overrides: list[str]):
-    import yaml
+def demo_base() -> dict:
+    """The bundled demo config (``configs/demo.yaml`` in the package)."""
+    return yaml.safe_load(resources.files("distillm2").joinpath("configs/demo.yaml").read_text())
 
-    from distillm2.config import RunConfig, load_config
 
-    base = yaml.safe_load(resources.files("distillm2").joinpath("configs/demo.yaml").read_text())
-    base["output_dir"] = output_dir
-    return load_config(RunConfig, base=base, overrides=overrides)
+def build_config(command: str, args) -> object:
+    """The command's config: its YAML, then the flags given, then ``--set`` (later wins)."""
+    cls = config.COMMANDS[command]
+    values = {}
+    for key in FLAGS.get(command, {}).values():
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        hint = _field(cls, key)[1]
+        if typing.get_origin(hint) is list:
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        elif hint in (int, float) or set(typing.get_args(hint)) & {int, float}:
+            number = int if int in (hint, *typing.get_args(hint)) else float
+            try:
+                value = number(value)
+            except ValueError:
+                raise config.ConfigError(f"{key}: expected {number.__name__}, got {value!r}") from None
+        values[key] = value
+    base = demo_base() if command == "demo" else None
+    return config.load_config(cls, args.config, list(args.set), base=base, values=values)
 
 
 def main(argv=None) -> int:
+    """Entry point of the ``distillm2`` command; returns the exit status."""
     args = _parser().parse_args(argv)
-    from distillm2.config import ConfigError
-    from distillm2.data import DataError
-    from distillm2.models import TokenizerMismatch
-
     try:
         return _dispatch(args)
-    except (ConfigError, DataError, TokenizerMismatch, FileNotFoundError) as err:
+    except (UserError, FileNotFoundError) as err:
         print(f"distillm2 {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 
 def _dispatch(args) -> int:
-    from distillm2.config import RunConfig, TrainStageConfig, load_config
-
-    if args.command == "demo":
-        from distillm2.evaluate import evaluate_run
-        from distillm2.pipeline import Run, run
-
-        cfg = demo_config(args.output_dir, args.set)
-        run(cfg)
-        evaluate_run(Run(cfg), cfg)
-    elif args.command == "run":
-        from distillm2.evaluate import evaluate_run
-        from distillm2.pipeline import Run, run
-
-        cfg = load_config(RunConfig, args.config, args.set)
-        run(cfg)
-        if cfg.eval.prompts:
-            evaluate_run(Run(cfg), cfg)
-    elif args.command == "generate":
-        from distillm2.data import load_prompts
-        from distillm2.generate import generate_hf
-        from distillm2.models import load_model, load_tokenizer
-        from distillm2.progress import setup_logging
-
-        setup_logging()
-        prompts = load_prompts(args.prompts, args.field, args.limit)
-        model = load_model(args.model, args.dtype)
-        rows = generate_hf(model, load_tokenizer(args.model), prompts, args.output,
-                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_p=args.top_p, greedy=args.greedy, batch_size=args.batch_size, seed=args.seed)
-        print(f"{len(rows)} responses in {args.output}")
-    elif args.command == "eval":
-        from distillm2.data import DataError
-        from distillm2.progress import setup_logging
-        from distillm2.tasks import EvalCommandConfig, run_eval
-
-        setup_logging()
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        gsm8k_data, humaneval_data = args.gsm8k_data, args.humaneval_data
-        if args.data:
-            targets = [t for t in tasks if t in ("gsm8k", "humaneval")]
-            if len(targets) != 1:
-                raise DataError("--data names the data of exactly one of gsm8k / humaneval; "
-                                "use --gsm8k-data and --humaneval-data for both")
-            gsm8k_data, humaneval_data = (args.data, humaneval_data) if targets[0] == "gsm8k" else (gsm8k_data, args.data)
-        run_eval(EvalCommandConfig(
-            model=args.model, teacher=args.teacher, tasks=tasks, prompts=args.prompts, gsm8k_data=gsm8k_data,
-            humaneval_data=humaneval_data, references=args.references, limit=args.limit, output=args.output,
-            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, dtype=args.dtype, judge=args.judge,
-            judge_model=args.judge_model, judge_base_url=args.judge_base_url, judge_api_key=args.judge_api_key,
-            gsm8k_fewshot=args.gsm8k_fewshot, gsm8k_fewshot_data=args.gsm8k_fewshot_data,
-            code_timeout=args.code_timeout))
-    elif args.command == "compare":
-        from distillm2.compare import CompareConfig, compare
-
-        compare(load_config(CompareConfig, args.config, args.set))
+    if args.command == "config":
+        print(config.describe(config.COMMANDS[args.name]))
+        return 0
+    cfg = build_config(args.command, args)
+    if args.command in ("demo", "run"):
+        pipeline.run(cfg)
     elif args.command == "train":
-        from distillm2.pipeline import train_from_pairs
-
-        cfg = load_config(TrainStageConfig, args.config, args.set)
-        out = train_from_pairs(cfg)
-        print(f"trained student in {out}")
+        print(f"trained student in {pipeline.train(cfg)}")
+    elif args.command == "generate":
+        generation.generate(cfg)
+    elif args.command == "eval":
+        evaluation.evaluate(cfg)
+    elif args.command == "compare":
+        comparison.compare(cfg)
     return 0
 
 

@@ -1,94 +1,28 @@
-"""Prompts, pair files, tokenisation with masking, and collation (DESIGN.md §4).
+"""Prompts, pair files, the one prompt path (render + tokenise + truncate), and collation.
 
 Prompt records are ``{"id", "messages"}``; ids are stable hashes of the prompt, and everything
-downstream (responses, pairs) is joined by id, never by row index. Training text is the chat
-template applied to the prompt with the generation prompt added -- exactly the text the responses
-were sampled from -- followed by the response tokens and the end-of-turn token (only when the
-response ended on its own; a response cut by ``max_new_tokens`` gets no end token, so the student
-is never taught to stop mid-sentence). Labels are the response tokens only.
+downstream (responses, pairs) is joined by id, never by row index. A prompt reaches a model only
+through :func:`prompt_token_ids` -- its chat template with the generation prompt added, tokenised
+without extra special tokens, truncated to its last ``max_prompt_length`` tokens -- in training,
+in every generation backend, in evaluation, in the judge and in speculative decoding, so the text
+a response was sampled from is exactly the text it is trained on. Training rows append the
+response tokens and the end-of-turn token (only when the response ended on its own; a response
+cut by ``max_new_tokens`` gets no end token, so the student is never taught to stop mid-sentence).
+Labels are the response tokens only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, line or key."""
-
-
-# JSONL: atomic writes, whole-line appends, strict reads ------------------------------------------
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Every line of a JSONL file as a dict; a malformed line is an error naming file and line."""
-    path = Path(path)
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
-
-
-def write_jsonl(path: str | Path, rows) -> None:
-    """Write rows to a temporary file and rename it over ``path`` (readers never see half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: no two writers share it
-    with tmp.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-
-
-def append_jsonl(path: str | Path, rows) -> None:
-    """Append whole lines in one write, flushed to disk before returning."""
-    data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def drop_partial_tail(path: str | Path) -> bool:
-    """Cut a last line that a crash left without its newline (it is regenerated on resume).
-    Returns True if something was cut."""
-    path = Path(path)
-    if not path.exists() or path.stat().st_size == 0:
-        return False
-    data = path.read_bytes()
-    if data.endswith(b"\n"):
-        return False
-    keep = data[: data.rfind(b"\n") + 1]
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: no two writers share it
-    tmp.write_bytes(keep)
-    tmp.replace(path)
-    return True
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: no two writers share it
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
+from distillm2.demo_prompts import demo_instructions
+from distillm2.errors import DataError, MissingExtra
+from distillm2.files import read_jsonl
 
 # Prompts ----------------------------------------------------------------------------------------
 
@@ -104,10 +38,34 @@ def prompt_id(prompt) -> str:
     return hashlib.sha1(canonical.encode("utf-8")).hexdigest()[:16]
 
 
+def records(messages_list: list[list[dict]]) -> list[dict]:
+    """Prompt records ``{"id", "messages"}`` for message lists built in code."""
+    return [{"id": prompt_id(m), "messages": m} for m in messages_list]
+
+
+DEMO_SPLITS = ("train", "heldout", "all")
+
+
+def demo_prompts(split: str = "train") -> list[dict]:
+    """The bundled demo prompts of one split (``train``, ``heldout`` or ``all``), as prompt
+    records ``{"id", "messages", "kind"}`` sorted by id; about one in seven ids is held out."""
+    if split not in DEMO_SPLITS:
+        raise DataError(f"unknown demo split {split!r}; valid: {', '.join(DEMO_SPLITS)}")
+    out = []
+    for kind, text in demo_instructions():
+        messages = [{"role": "user", "content": text}]
+        pid = prompt_id(messages)
+        heldout = int(pid, 16) % 7 == 0
+        if split == "all" or (split == "heldout") == heldout:
+            out.append({"id": pid, "messages": messages, "kind": kind})
+    return sorted(out, key=lambda r: r["id"])
+
+
 _AUTO_FIELDS = ("messages", "prompt", "instruction", "question", "input", "text")
 
 
-def _to_messages(value, where: str) -> list[dict]:
+def to_messages(value, where: str) -> list[dict]:
+    """A prompt (a string or a messages list) as messages; a trailing assistant turn is dropped."""
     if isinstance(value, str):
         if not value.strip():
             raise DataError(f"{where}: empty prompt")
@@ -138,18 +96,39 @@ def _records_from_rows(rows, source: str, fld: str | None) -> list[dict]:
                 f"{source}: no prompt field found; set data.field (row 1 has keys: "
                 f"{', '.join(rows[0])}; looked for {', '.join(_AUTO_FIELDS)})"
             )
-    records, seen = [], set()
+    out, seen = [], set()
     for number, row in enumerate(rows, start=1):
         where = f"{source}:{number}"
         if fld not in row:
             raise DataError(f"{where}: missing field {fld!r} (row has keys: {', '.join(row)})")
-        messages = _to_messages(row[fld], where)
+        messages = to_messages(row[fld], where)
         pid = prompt_id(messages)
         if pid in seen:
             continue  # the same prompt twice: one id, one record
         seen.add(pid)
-        records.append({"id": pid, "messages": messages})
-    return records
+        out.append({"id": pid, "messages": messages})
+    return out
+
+
+def _read_table(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return read_jsonl(path)
+    if suffix == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: expected a JSON list of objects")
+        return rows
+    if suffix in (".parquet", ".csv"):
+        import pandas as pd
+
+        frame = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path)
+        return [{k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in r.items()}
+                for r in frame.to_dict("records")]
+    raise DataError(f"{path}: unknown prompt file type {suffix!r} (use .jsonl, .json, .parquet or .csv)")
 
 
 def load_prompts(source: str, field: str | None = None, limit: int | None = None) -> list[dict]:
@@ -162,42 +141,21 @@ def load_prompts(source: str, field: str | None = None, limit: int | None = None
     Duplicate prompts are kept once. ``limit`` keeps the first n.
     """
     if source.startswith("demo"):
-        from distillm2.demo_prompts import demo_prompts
-
         split = source.split(":", 1)[1] if ":" in source else "train"
-        records = [{"id": r["id"], "messages": r["messages"]} for r in demo_prompts(split)]
+        found = [{"id": r["id"], "messages": r["messages"]} for r in demo_prompts(split)]
     elif source.startswith("hf:"):
         try:
             import datasets
-        except ImportError as err:
-            raise ImportError("hf: prompt sources need `pip install distillm2[eval]` (datasets)") from err
+        except ImportError:
+            raise MissingExtra("hf: prompt sources", "eval") from None
         name, _, split = source[3:].partition(":")
-        rows = list(datasets.load_dataset(name, split=split or "train"))
-        records = _records_from_rows(rows, source, field)
+        found = _records_from_rows(list(datasets.load_dataset(name, split=split or "train")), source, field)
     else:
         path = Path(source)
         if not path.exists():
             raise DataError(f"prompt file not found: {path}")
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            rows = read_jsonl(path)
-        elif suffix == ".json":
-            try:
-                rows = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(rows, list):
-                raise DataError(f"{path}: expected a JSON list of objects")
-        elif suffix in (".parquet", ".csv"):
-            import pandas as pd
-
-            frame = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path)
-            rows = [{k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in r.items()}
-                    for r in frame.to_dict("records")]
-        else:
-            raise DataError(f"{path}: unknown prompt file type {suffix!r} (use .jsonl, .json, .parquet or .csv)")
-        records = _records_from_rows(rows, str(path), field)
-    return records[:limit] if limit else records
+        found = _records_from_rows(_read_table(path), str(path), field)
+    return found[:limit] if limit else found
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> str:
@@ -206,6 +164,14 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     # A base model without a template: the user turns as plain text.
     return "\n\n".join(m["content"] for m in messages) + "\n"
+
+
+def prompt_token_ids(tokenizer, messages: list[dict], max_prompt_length: int | None = None) -> list[int]:
+    """The one prompt path: rendered, tokenised without added special tokens (the template has
+    them), truncated to the last ``max_prompt_length`` tokens (the generation prompt is at the
+    end). Every caller that shows a prompt to a model uses this."""
+    ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    return ids[-max_prompt_length:] if max_prompt_length else ids
 
 
 # Pairs --------------------------------------------------------------------------------------------
@@ -239,7 +205,7 @@ def load_pairs(path: str | Path) -> list[dict]:
         for key in ("id", "prompt", "chosen", "rejected"):
             if key not in row:
                 raise DataError(f"{path}:{number}: missing field {key!r}")
-        row["prompt"] = _to_messages(row["prompt"], f"{path}:{number}")
+        row["prompt"] = to_messages(row["prompt"], f"{path}:{number}")
     return rows
 
 
@@ -248,27 +214,31 @@ def load_pairs(path: str | Path) -> list[dict]:
 
 @dataclass
 class EncodedRow:
+    """Token ids of one trained row."""
+
     prompt_ids: list[int]
     response_ids: list[int]  # response tokens (+ end-of-turn token when it finished)
 
 
 @dataclass
 class TruncationStats:
+    """How many prompts and responses were cut to fit the length limits."""
+
     prompts: int = 0
     responses: int = 0
     rows: int = 0
 
     def report(self) -> str:
+        """One line for the log."""
         return (f"truncated {self.prompts} of {self.rows} prompts (max_prompt_length) and "
                 f"{self.responses} responses (max_length)")
 
 
 def encode(tokenizer, messages, response: str, finished: bool, max_prompt_length: int,
            max_length: int, stats: TruncationStats | None = None) -> EncodedRow:
-    """Token ids of prompt and response, truncated as DESIGN.md §4 says (counted in ``stats``):
-    the prompt keeps its last ``max_prompt_length`` tokens (the generation prompt is at the end),
-    the response is cut so that the row fits ``max_length``."""
-    prompt_ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    """Token ids of prompt and response, truncated (and counted in ``stats``): the prompt keeps its
+    last ``max_prompt_length`` tokens, the response is cut so that the row fits ``max_length``."""
+    prompt_ids = prompt_token_ids(tokenizer, messages)
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] if response else []
     if finished and tokenizer.eos_token_id is not None:
         response_ids = response_ids + [tokenizer.eos_token_id]
@@ -284,6 +254,27 @@ def encode(tokenizer, messages, response: str, finished: bool, max_prompt_length
         if stats is not None:
             stats.responses += 1
     return EncodedRow(prompt_ids, response_ids)
+
+
+def encode_pairs(pairs: list[dict], tokenizer, rows: tuple[str, ...], max_prompt_length: int,
+                 max_length: int) -> tuple[list[dict[str, EncodedRow]], TruncationStats]:
+    """Encode the ``rows`` (``"chosen"``, ``"rejected"``) of every pair; returns one
+    ``{row kind: EncodedRow}`` per pair and the truncation counts."""
+    stats = TruncationStats()
+    encoded = [{which: encode(tokenizer, pair["prompt"], pair[which], bool(pair.get(f"{which}_finished", True)),
+                              max_prompt_length, max_length, stats)
+                for which in rows} for pair in pairs]
+    return encoded, stats
+
+
+def encode_responses(tokenizer, prompts: list[dict], responses: list[dict], max_prompt_length: int,
+                     max_length: int) -> list[EncodedRow]:
+    """Generated rows (``{"id", "response", "finish_reason"}``) joined to ``prompts`` by id and
+    encoded for a teacher-forced pass; rows with no response token are dropped."""
+    by_id = {p["id"]: p for p in prompts}
+    encoded = [encode(tokenizer, by_id[r["id"]]["messages"], r["response"], r.get("finish_reason") == "stop",
+                      max_prompt_length, max_length) for r in responses if r["id"] in by_id]
+    return [r for r in encoded if r.response_ids]
 
 
 @dataclass
@@ -302,15 +293,16 @@ class Batch:
     labels: torch.Tensor
     mask: torch.Tensor
     keep: torch.Tensor
-    meta: dict = field(default_factory=dict)
 
-    def to(self, device):
+    def to(self, device) -> Batch:
+        """Move every tensor to ``device`` (in place); returns self."""
         for name in ("input_ids", "attention_mask", "position_ids", "labels", "mask", "keep"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
     @property
     def num_tokens(self) -> int:
+        """Trained (masked-in) response tokens."""
         return int(self.mask.sum())
 
 

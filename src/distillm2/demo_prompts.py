@@ -1,8 +1,8 @@
 """The bundled demo prompt set, written for this project: short instructions of varied kinds,
 generated from templates and word lists (no download, no licence questions).
 
-Each prompt gets the stable id of :func:`distillm2.data.prompt_id`; the held-out split is chosen
-by that id (about one in seven), so it never changes when templates are added elsewhere.
+:func:`distillm2.data.demo_prompts` turns them into prompt records with stable ids and splits them
+by id (about one in seven held out), so a split never changes when templates are added elsewhere.
 The instructions are short on purpose: the embedded teacher (SmolLM2-135M-Instruct) answers short,
 concrete questions reasonably and long open-ended ones poorly.
 """
@@ -146,20 +146,3 @@ def demo_instructions() -> list[tuple[str, str]]:
         "creative": _fill(CREATIVE, TOPICS),
     }
     return [(kind, text) for kind, texts in groups.items() for text in texts]
-
-
-def demo_prompts(split: str = "train") -> list[dict]:
-    """The bundled demo prompts of one split (``train``, ``heldout`` or ``all``), as prompt
-    records ``{"id", "messages", "kind"}``, sorted by id."""
-    from distillm2.data import prompt_id
-
-    if split not in ("train", "heldout", "all"):
-        raise ValueError(f"unknown demo split {split!r}; valid: train, heldout, all")
-    records = []
-    for kind, text in demo_instructions():
-        messages = [{"role": "user", "content": text}]
-        pid = prompt_id(messages)
-        heldout = int(pid, 16) % 7 == 0
-        if split == "all" or (split == "heldout") == heldout:
-            records.append({"id": pid, "messages": messages, "kind": kind})
-    return sorted(records, key=lambda r: r["id"])

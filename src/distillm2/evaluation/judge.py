@@ -16,7 +16,12 @@ import os
 import re
 from pathlib import Path
 
-from distillm2.data import append_jsonl, drop_partial_tail, read_jsonl
+import torch
+
+from distillm2.data import prompt_token_ids
+from distillm2.files import append_jsonl, drop_partial_tail, read_jsonl
+from distillm2.generation import sampling_kwargs
+from distillm2.progress import progress_bar
 
 SYSTEM = (
     "Please act as an impartial judge and evaluate the quality of the responses provided by two AI "
@@ -53,6 +58,7 @@ def parse_verdict(text: str | None) -> str | None:
 
 
 def judge_messages(question: str, answer_a: str, answer_b: str) -> list[dict]:
+    """The MT-Bench pairwise request for one question and two answers."""
     return [{"role": "system", "content": SYSTEM},
             {"role": "user", "content": TEMPLATE.format(question=question, answer_a=answer_a, answer_b=answer_b)}]
 
@@ -71,10 +77,12 @@ class CachedJudge:
             self.cache = {row["key"]: row["reply"] for row in read_jsonl(self.cache_path)}
 
     def key(self, messages) -> str:
+        """The cache key of a request: a hash of the judge's name and the messages."""
         blob = json.dumps({"judge": self.name, "messages": messages}, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def __call__(self, messages) -> str:
+        """The judge's reply to ``messages``, from the cache when it was asked before."""
         key = self.key(messages)
         if key not in self.cache:
             self.calls += 1
@@ -109,17 +117,14 @@ def openai_judge(model: str, base_url: str | None = None, api_key: str | None = 
 
 def hf_judge(model, tokenizer, max_new_tokens: int = 256):
     """A ``complete(messages)`` for a local Hugging Face chat model (greedy)."""
-    import torch
-
     device = next(model.parameters()).device
 
     @torch.no_grad()
     def complete(messages):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-        return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        ids = torch.tensor([prompt_token_ids(tokenizer, messages)], device=device)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id, **sampling_kwargs(True, 0.0, 1.0))
+        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
     return complete
 
@@ -149,8 +154,6 @@ def pairwise_win_rate(judge, questions: list[str], answers: list[str], reference
     Returns ``win_rate``, ``ties`` (fraction of parsed verdicts that are ties, both orders),
     ``unparsed`` (count of verdicts that could not be parsed), ``n`` (pairs) and per-order detail.
     """
-    from distillm2.progress import progress_bar
-
     with progress_bar(2 * len(questions), "judge", "verdict") as bar:
         orders = {order: _judge_order(judge, order, questions, answers, references, bar)
                   for order in ("model_first", "reference_first")}

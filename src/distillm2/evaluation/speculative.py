@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from distillm2.data import render_prompt
+from distillm2.data import prompt_token_ids
+from distillm2.generation import sampling_kwargs
 from distillm2.progress import progress_bar
 
 
@@ -44,7 +45,7 @@ def _count_acceptance():
 
 @torch.no_grad()
 def speculative_eval(teacher, draft, tokenizer, prompts: list[dict], max_new_tokens: int = 64,
-                     num_assistant_tokens: int = 5) -> dict:
+                     num_assistant_tokens: int = 5, max_prompt_length: int | None = None) -> dict:
     """Acceptance rate and speed-up of ``draft`` for greedy ``teacher`` decoding on ``prompts``."""
     device = next(teacher.parameters()).device
     teacher.eval()
@@ -53,12 +54,12 @@ def speculative_eval(teacher, draft, tokenizer, prompts: list[dict], max_new_tok
     gc.num_assistant_tokens = num_assistant_tokens
     gc.num_assistant_tokens_schedule = "constant"
     gc.assistant_confidence_threshold = 0.0
-    common = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                  temperature=None, top_p=None, top_k=None)
+    common = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                  **sampling_kwargs(True, 0.0, 1.0))
 
     def encode(p):
-        return tokenizer(render_prompt(tokenizer, p["messages"]), return_tensors="pt",
-                         add_special_tokens=False).to(device)
+        ids = torch.tensor([prompt_token_ids(tokenizer, p["messages"], max_prompt_length)], device=device)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     warm = encode(prompts[0])  # first calls pay one-off costs: keep them out of the timing
     teacher.generate(**warm, **dict(common, max_new_tokens=4))

@@ -59,6 +59,8 @@ exec(compile(source, "<program>", "exec"), {"__name__": "__main__"})
 
 @dataclass
 class Outcome:
+    """How a program run ended."""
+
     passed: bool
     status: str  # "passed", "failed", "timeout", "error"
     detail: str = ""
