@@ -256,6 +256,17 @@ def resolve_choices(choices) -> tuple | None:
     return tuple(getattr(importlib.import_module(module), attr))
 
 
+def _descriptions(choices) -> dict[str, str]:
+    """``{name: description}`` of a choices table whose entries carry a ``description``."""
+    if not isinstance(choices, str):
+        return {}
+    module, _, attr = choices.partition(":")
+    table = getattr(importlib.import_module(module), attr)
+    if not isinstance(table, dict):
+        return {}
+    return {k: v.description for k, v in table.items() if getattr(v, "description", None)}
+
+
 def _build(cls, data, where: str):
     if data is None:
         data = {}
@@ -444,4 +455,6 @@ def describe(cls, indent: int = 0) -> str:
         if choices:
             note += f" [{' | '.join(map(str, choices))}]"
         lines.append(f"{pad}{f.name}: {value}  # {note}")
+        for name, what in _descriptions(meta.get("choices")).items():
+            lines.append(f"{pad}  #   {name}: {what}")
     return "\n".join(lines)

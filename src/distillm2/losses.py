@@ -46,6 +46,8 @@ __all__ = [
     "LossOutput",
     "LossSpec",
     "LOSSES",
+    "RowInputs",
+    "pair_loss",
     "curriculum_gaps",
     "adaptive_alpha",
     "beta_schedule",
@@ -260,6 +262,47 @@ LOSSES: dict[str, LossSpec] = {
 }
 
 
+@dataclass
+class RowInputs:
+    """One row kind (``chosen`` or ``rejected``) of a batch of B pairs: the student's logits
+    ``[B, T, V]``, the target -- the teacher's logits ``[B, T, V]``, or the labels ``[B, T]`` for a
+    loss without a teacher -- the ``[B, T]`` mask of trained tokens, and alpha (float or ``[B]``)."""
+
+    student: Tensor
+    target: Tensor
+    mask: Tensor
+    alpha: Tensor | float = 0.1
+
+
+def pair_loss(name: str, rows: dict[str, RowInputs], *, beta: float = 0.5, jsd_beta: float = 0.9,
+              temperature: float = 1.0) -> LossOutput:
+    """Any loss of :data:`LOSSES` by name, as its table entry says: per pair, the sequence mean
+    of each used row's divergence, combined by the row weights (``1 - beta``, ``beta`` for
+    distillm2; equal otherwise) or by the spec's ``combine``. ``rows`` must hold every row kind
+    of ``LOSSES[name].rows``. Returns a :class:`LossOutput`."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")
+    spec = LOSSES[name]
+    weights = spec.row_weights(beta)
+    terms, token_sums, sequences = {}, {}, {}
+    for which, (term, divergence) in spec.terms.items():
+        row = rows.get(which)
+        if row is None or row.student is None or row.target is None or row.mask is None:
+            needed = "labels_chosen" if not spec.needs_teacher else f"student, teacher and mask for the {which} rows"
+            raise ValueError(f"loss {name!r} needs {needed}")
+        values = divergence(row.student, row.target, row.mask, row.alpha, temperature, jsd_beta)
+        sequences[which] = terms[term] = sequence_mean(values, row.mask)
+        token_sums[which] = weights[which] * torch.where(row.mask.bool(), values, 0.0).sum()
+    sizes = {tuple(v.shape) for v in sequences.values()}
+    if len(sizes) > 1:
+        raise ValueError(f"chosen and rejected batches differ in size: {' vs '.join(map(str, sizes))}")
+    if spec.combine is not None:
+        per_pair = spec.combine(sequences)
+    else:
+        per_pair = sum(weights[which] * seq for which, seq in sequences.items())
+    return LossOutput(per_pair.mean(), per_pair, terms, token_sums)
+
+
 def distillation_loss(
     name: str,
     *,
@@ -276,36 +319,16 @@ def distillation_loss(
     jsd_beta=0.9,
     temperature=1.0,
 ) -> LossOutput:
-    """Any loss of :data:`LOSSES` by name, as its table entry says: per pair, the sequence mean
-    of each used row's divergence, combined by the row weights (``1 - beta``, ``beta`` for
-    distillm2; equal otherwise) or by the spec's ``combine``. Only the rows
-    ``LOSSES[name].rows`` need to be given; losses without a teacher read ``labels_chosen``.
-    Logits ``[B, T, V]``, masks ``[B, T]``; returns a :class:`LossOutput`."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")
-    spec = LOSSES[name]
-    given = {
-        "chosen": (student_chosen, teacher_chosen if spec.needs_teacher else labels_chosen, mask_chosen, alpha_chosen),
-        "rejected": (student_rejected, teacher_rejected, mask_rejected, alpha_rejected),
+    """:func:`pair_loss` with the rows given as keywords. Only the rows ``LOSSES[name].rows``
+    need to be given; losses without a teacher read ``labels_chosen``. Logits ``[B, T, V]``,
+    masks ``[B, T]``; returns a :class:`LossOutput`."""
+    needs_teacher = LOSSES[name].needs_teacher if name in LOSSES else True
+    rows = {
+        "chosen": RowInputs(student_chosen, teacher_chosen if needs_teacher else labels_chosen, mask_chosen,
+                            alpha_chosen),
+        "rejected": RowInputs(student_rejected, teacher_rejected, mask_rejected, alpha_rejected),
     }
-    weights = spec.row_weights(beta)
-    terms, token_sums, sequences = {}, {}, {}
-    for which, (term, divergence) in spec.terms.items():
-        s, t, m, alpha = given[which]
-        if s is None or m is None or t is None:
-            needed = "labels_chosen" if not spec.needs_teacher else f"student, teacher and mask for the {which} rows"
-            raise ValueError(f"loss {name!r} needs {needed}")
-        values = divergence(s, t, m, alpha, temperature, jsd_beta)
-        sequences[which] = terms[term] = sequence_mean(values, m)
-        token_sums[which] = weights[which] * torch.where(m.bool(), values, 0.0).sum()
-    sizes = {tuple(v.shape) for v in sequences.values()}
-    if len(sizes) > 1:
-        raise ValueError(f"chosen and rejected batches differ in size: {' vs '.join(map(str, sizes))}")
-    if spec.combine is not None:
-        per_pair = spec.combine(sequences)
-    else:
-        per_pair = sum(weights[which] * seq for which, seq in sequences.items())
-    return LossOutput(per_pair.mean(), per_pair, terms, token_sums)
+    return pair_loss(name, rows, beta=beta, jsd_beta=jsd_beta, temperature=temperature)
 
 
 def distillm2_loss(

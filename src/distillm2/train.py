@@ -31,10 +31,11 @@ from distillm2.faults import maybe_crash
 from distillm2.files import write_json_atomic
 from distillm2.losses import (
     LOSSES,
+    RowInputs,
     adaptive_alpha,
     beta_schedule,
     curriculum_gaps,
-    distillation_loss,
+    pair_loss,
 )
 from distillm2.models import response_logits
 from distillm2.progress import logger, progress_bar
@@ -235,19 +236,12 @@ class Trainer:
                 adaptive_alpha(gr, self.state["anchor_rejected"], **bounds).to(device))
 
     def _loss(self, mb: MicroBatch, student_logits, teacher_logits, beta, denom, metrics: StepMetrics):
-        alpha_chosen, alpha_rejected = self._alphas(mb, student_logits, teacher_logits)
-        rows = {}
-        for which in self.spec.rows:
-            part = mb.part(which)
-            rows[f"student_{which}"] = student_logits[part]
-            rows[f"mask_{which}"] = mb.batch.mask[part]
-            if teacher_logits is not None:
-                rows[f"teacher_{which}"] = teacher_logits[part]
-        if "chosen" in self.spec.rows:
-            rows["labels_chosen"] = mb.batch.labels[mb.part("chosen")]
+        alphas = dict(zip(("chosen", "rejected"), self._alphas(mb, student_logits, teacher_logits)))
+        targets = teacher_logits if teacher_logits is not None else mb.batch.labels
+        rows = {which: RowInputs(student_logits[mb.part(which)], targets[mb.part(which)],
+                                 mb.batch.mask[mb.part(which)], alphas[which]) for which in self.spec.rows}
         lc = self.loss_cfg
-        out = distillation_loss(lc.name, alpha_chosen=alpha_chosen, alpha_rejected=alpha_rejected, beta=beta,
-                                jsd_beta=lc.jsd_beta, temperature=lc.temperature, **rows)
+        out = pair_loss(lc.name, rows, beta=beta, jsd_beta=lc.jsd_beta, temperature=lc.temperature)
         if self.cfg.reduction == "sequence":
             loss = out.per_pair.sum() / denom
         else:
@@ -256,7 +250,7 @@ class Trainer:
         metrics.add("pairs", mb.pairs)
         for name, value in out.terms.items():
             metrics.add(name, value.detach().sum())
-        for which, alpha in (("chosen", alpha_chosen), ("rejected", alpha_rejected)):
+        for which, alpha in alphas.items():
             if isinstance(alpha, torch.Tensor):
                 metrics.alphas.setdefault(which, []).extend(alpha.tolist())
         return loss * self.loss_scale
