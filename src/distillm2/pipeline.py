@@ -54,15 +54,16 @@ class Run:
         mc = cfg.models
         self.tokenizer = models.load_tokenizer(mc.student or mc.teacher)
         teacher_tok = models.load_tokenizer(mc.teacher)
-        if teacher is None:
-            teacher = models.load_model(mc.teacher, mc.teacher_dtype, attn_implementation=mc.attn_implementation)
-        self._make_student_init()
-        init_model = models.load_model(str(self.dir / "student-init"), "float32")
+        with distributed.replicated_loading(self.acc):
+            if teacher is None:
+                teacher = models.load_model(mc.teacher, mc.teacher_dtype, attn_implementation=mc.attn_implementation)
+            self._make_student_init()
+            init_model = models.load_model(str(self.dir / "student-init"), "float32")
         # Checked before any work: a mismatch is an error here, not a silent garbage loss later.
-        self.vocab = models.check_tokenizers(teacher_tok, self.tokenizer, getattr(teacher, "module", teacher),
-                                             init_model)
+        self.vocab = models.check_tokenizers(teacher_tok, self.tokenizer,
+                                             distributed.generation_module(teacher), init_model)
         del init_model
-        self.teacher = distributed.place_teacher(self.acc, teacher)
+        self.teacher = distributed.place_teacher(self.acc, teacher, models.DTYPES[mc.teacher_dtype])
 
     def _prompts(self, given=None) -> list[dict]:
         path = self.dir / "prompts.jsonl"
@@ -95,6 +96,10 @@ class Run:
 
     def load_student(self, stage_model: Path | None):
         """The student after ``stage_model`` (a finished stage's ``model/``), or the initial one."""
+        with distributed.replicated_loading(self.acc):
+            return self._load_student(stage_model)
+
+    def _load_student(self, stage_model: Path | None):
         mc = self.cfg.models
         kwargs = {"attn_implementation": mc.attn_implementation}
         if stage_model is not None and not mc.lora:
@@ -110,26 +115,27 @@ class Run:
 
     # stages -----------------------------------------------------------------------------------
 
-    def generate(self, model, out: Path, stage: str) -> list[dict]:
-        """Sampled responses of ``model`` for the run's prompts into ``out`` (all ranks)."""
+    def generate(self, model, out: Path, stage: str, teacher: bool = False) -> list[dict]:
+        """Sampled responses of ``model`` (the teacher, or the current student) for the run's
+        prompts into ``out`` (all ranks)."""
         return generate_responses(model, self.tokenizer, self.prompts, out, self.cfg.generation,
                                   seed=self.cfg.train.seed, max_prompt_length=self.cfg.data.max_prompt_length,
-                                  accelerator=self.acc, desc=stage)
+                                  accelerator=self.acc, desc=stage, role="teacher" if teacher else "student",
+                                  source=self.cfg.models.teacher if teacher else None)
 
     def train_stage(self, student, pairs, stage_dir: Path, loss_cfg: LossConfig, epochs: float, schedule: Schedule):
-        """One training stage; returns the trained student and writes ``stage_dir/model``."""
+        """One training stage; writes ``stage_dir/model`` and returns the trained student, or None
+        under an engine that shards parameters (the next stage reloads it from that directory)."""
         trainer = Trainer(
             accelerator=self.acc, student=student, teacher=self.teacher, tokenizer=self.tokenizer, pairs=pairs,
             train_cfg=dataclasses.replace(self.cfg.train, epochs=epochs), loss_cfg=loss_cfg, stage_dir=stage_dir,
             vocab=self.vocab, max_prompt_length=self.cfg.data.max_prompt_length, max_length=self.cfg.data.max_length,
             schedule=schedule, stage_seed=self.cfg.train.seed * 1009 + schedule.round_index)
-        student = trainer.fit()
+        student = trainer.fit(save_to=stage_dir / "model")
         if self.main:
-            with atomic_dir(stage_dir / "model") as tmp:
-                student.save_pretrained(tmp)  # adapter only under LoRA
             remove_checkpoint(stage_dir)  # the stage is finished and saved: optimiser state is dead weight
         self.acc.wait_for_everyone()
-        return student
+        return None if distributed.shards_parameters(self.acc) else student
 
     def save_final(self, student, config_yaml: str) -> Path:
         """``RUN/final``: the student (LoRA merged), its tokenizer and the config."""
@@ -142,7 +148,7 @@ class Run:
     def execute(self) -> Path:
         """Run (or continue) every stage; returns the run directory."""
         cfg = self.cfg
-        teacher_rows = self.generate(self.teacher, self.dir / "round-1" / "teacher.jsonl", "round-1/teacher")
+        teacher_rows = self.generate(self.teacher, self.dir / "round-1" / "teacher.jsonl", "round-1/teacher", True)
         student, previous = None, None
         if cfg.sft_epochs > 0:
             sft_dir = self.dir / "sft"
@@ -162,7 +168,7 @@ class Run:
             if student is None:
                 student = self.load_student(previous)
             if k > 1 and cfg.generation.teacher_per_round:
-                teacher_rows = self.generate(self.teacher, rdir / "teacher.jsonl", f"round-{k}/teacher")
+                teacher_rows = self.generate(self.teacher, rdir / "teacher.jsonl", f"round-{k}/teacher", True)
             if "rejected" in LOSSES[cfg.loss.name].rows:
                 student_rows = self.generate(student, rdir / "student.jsonl", f"round-{k}/student")
             else:  # sft, seqkd, kd never read student responses: do not sample them
@@ -179,7 +185,9 @@ class Run:
             previous = rdir / "model"
 
         if not (self.dir / "final" / "config.json").exists():
-            self.save_final(student if student is not None else self.load_student(previous), to_yaml(cfg))
+            if student is None:
+                student = self.load_student(previous)
+            self.save_final(student, to_yaml(cfg))
         if self.main:
             write_json_atomic(self.dir / "status.json", {"finished": True, "rounds": cfg.rounds}, indent=None)
         if cfg.eval.prompts:
@@ -194,7 +202,8 @@ class Run:
         if (self.dir / "sft" / "model").exists():
             candidates["student_sft"] = self.dir / "sft" / "model"
         candidates["student"] = self.dir / "final"
-        results = evaluate_models(candidates, teacher=self.teacher, tokenizer=self.tokenizer, vocab=self.vocab,
+        results = evaluate_models(candidates, teacher=self.teacher, teacher_source=self.cfg.models.teacher,
+                                  tokenizer=self.tokenizer, vocab=self.vocab,
                                   eval_cfg=self.cfg.eval, generation=self.cfg.generation, out_dir=out_dir,
                                   accelerator=self.acc, seed=self.cfg.train.seed,
                                   max_prompt_length=self.cfg.data.max_prompt_length)
@@ -222,8 +231,9 @@ def train(cfg: TrainStageConfig) -> Path:
                         train=cfg.train, loss=cfg.loss)
     r = Run(run_cfg, prompts=[{"id": p["id"], "messages": p["prompt"]} for p in pairs])
     stage = r.dir / "train"
-    if (stage / "model").exists():
-        student = r.load_student(stage / "model")
-    else:
+    student = None
+    if not (stage / "model").exists():
         student = r.train_stage(r.load_student(None), pairs, stage, cfg.loss, cfg.train.epochs, Schedule())
+    if student is None:
+        student = r.load_student(stage / "model")
     return r.save_final(student, to_yaml(cfg))

@@ -255,8 +255,10 @@ class Trainer:
                 metrics.alphas.setdefault(which, []).extend(alpha.tolist())
         return loss * self.loss_scale
 
-    def fit(self):
-        """Run the remaining steps; returns the unwrapped student."""
+    def fit(self, save_to: str | Path | None = None):
+        """Run the remaining steps, save the trained student's full weights to ``save_to`` (all
+        ranks take part; only the adapter under LoRA) and return the unwrapped student -- under
+        an engine that shards parameters, reload it from ``save_to`` instead of using it."""
         acc, cfg = self.acc, self.cfg
         total_steps = self.schedule.total_steps or len(self.steps)
         metrics_path = self.stage_dir / "metrics.jsonl"
@@ -276,13 +278,16 @@ class Trainer:
                 for m, indices in enumerate(step_batches):
                     mb = self._micro_batch(indices)
                     metrics.add("tokens", mb.batch.attention_mask.sum())
+                    # The last micro-batch of the step ends it: gradients are synchronised
+                    # (DDP, FSDP) and, under DeepSpeed, only then does the engine step.
                     sync = m == len(step_batches) - 1
+                    acc.sync_gradients = sync
                     with acc.no_sync(self.student) if not sync else contextlib.nullcontext():
                         student_logits, teacher_logits = self._logits(mb)
                         loss = self._loss(mb, student_logits, teacher_logits, beta, denom, metrics)
                         acc.backward(loss)
                     del student_logits, teacher_logits, loss
-                grad_norm = acc.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
+                grad_norm = distributed.grad_norm(acc, self.student, cfg.max_grad_norm)
                 self.optimizer.step()
                 lr = self.scheduler.get_last_lr()[0]
                 self.scheduler.step()
@@ -298,6 +303,8 @@ class Trainer:
         if not self.state["finished"]:
             self.state["finished"] = True
             checkpoint.save_checkpoint(acc, self.stage_dir, self.state, self.scheduler)
+        if save_to is not None:
+            distributed.save_trained(acc, self.student, save_to, self.tokenizer)
         student = acc.unwrap_model(self.student)
         acc.free_memory()  # forget this stage's model and optimiser: the next stage prepares anew
         return student
@@ -305,7 +312,6 @@ class Trainer:
     def _log(self, step, metrics: StepMetrics, beta, lr, grad_norm, seconds, path, bar):
         record = {"step": step, **metrics.record(self.acc)}
         tokens = record.pop("tokens")
-        grad_norm = float("nan") if grad_norm is None else float(grad_norm)  # None under DeepSpeed
         record.update({"beta": beta, "lr": lr, "grad_norm": grad_norm, "world_size": self.world,
                        "tokens_per_s": tokens / max(seconds, 1e-9), "step_s": seconds})
         if self.acc.is_main_process:

@@ -7,6 +7,7 @@ Inputs are checked before any model is loaded. Generations are cached beside the
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -42,11 +43,13 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     out = Path(cfg.output)
     cache = out.with_name(out.stem + ".cache")
     cache.mkdir(parents=True, exist_ok=True)
+    device = models.pick_device(cfg.device)
+    cfg = dataclasses.replace(cfg, dtype=models.pick_dtype(cfg.dtype, device))
     tokenizer = models.load_tokenizer(cfg.model)
-    model = models.load_model(cfg.model, cfg.dtype)
+    model = models.load_model(cfg.model, cfg.dtype, device=device)
     ctx = EvalContext(cfg=cfg, model=model, tokenizer=tokenizer, cache=cache)
     if cfg.teacher:
-        ctx.teacher = models.load_model(cfg.teacher, cfg.dtype)
+        ctx.teacher = models.load_model(cfg.teacher, cfg.dtype, device=device)
         ctx.vocab = models.check_tokenizers(models.load_tokenizer(cfg.teacher), tokenizer, ctx.teacher, model)
     if any(TASKS[t].needs_prompts for t in cfg.tasks):
         ctx.prompts = load_prompts(cfg.prompts, limit=cfg.limit)

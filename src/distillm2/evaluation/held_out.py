@@ -12,7 +12,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from distillm2 import models
+from distillm2 import distributed, models
 from distillm2.config import GenerationConfig, RunEvalConfig
 from distillm2.data import load_prompts
 from distillm2.evaluation.metrics import rouge_summary, teacher_forced_kl
@@ -20,7 +20,7 @@ from distillm2.files import write_json_atomic, write_jsonl
 from distillm2.generation import generate_responses
 
 
-def evaluate_models(candidates: dict[str, Path | None], *, teacher, tokenizer, vocab: int,
+def evaluate_models(candidates: dict[str, Path | None], *, teacher, teacher_source: str, tokenizer, vocab: int,
                     eval_cfg: RunEvalConfig, generation: GenerationConfig, out_dir: Path, accelerator,
                     seed: int = 42, max_prompt_length: int = 512) -> dict[str, dict]:
     """ROUGE-L against the teacher's greedy outputs and KL / NLL on them, per candidate model
@@ -34,11 +34,14 @@ def evaluate_models(candidates: dict[str, Path | None], *, teacher, tokenizer, v
     settings = dataclasses.replace(generation, greedy=True, max_new_tokens=eval_cfg.max_new_tokens)
     outputs, loaded = {}, {}
     for name, path in candidates.items():
-        model = teacher if path is None else models.load_model(str(path), "float32").to(accelerator.device)
+        with distributed.replicated_loading(accelerator):
+            model = teacher if path is None else models.load_model(str(path), "float32").to(accelerator.device)
         loaded[name] = model
         outputs[name] = generate_responses(model, tokenizer, prompts, out_dir / f"{name}.greedy.jsonl", settings,
-                                           seed=seed, max_prompt_length=max_prompt_length,
-                                           accelerator=accelerator, desc=f"eval/{name}")
+                                           seed=seed, max_prompt_length=max_prompt_length, accelerator=accelerator,
+                                           desc=f"eval/{name}", source=teacher_source if path is None else
+                                           (str(path) if (Path(path) / "config.json").exists() else None),
+                                           role="teacher" if path is None else "student")
     reference = {r["id"]: r["response"] for r in outputs["teacher"]}
     results = {}
     for name, path in candidates.items():

@@ -74,7 +74,8 @@ def _judge(ctx: EvalContext) -> dict:
         complete = openai_judge(jc.api_model, jc.base_url, jc.api_key, max_tokens=jc.api_max_tokens)
     elif jc.model:
         name = f"hf:{jc.model}"
-        complete = hf_judge(models.load_model(jc.model, ctx.cfg.dtype), models.load_tokenizer(jc.model),
+        device = next(ctx.model.parameters()).device
+        complete = hf_judge(models.load_model(jc.model, ctx.cfg.dtype, device=device), models.load_tokenizer(jc.model),
                             max_new_tokens=jc.max_new_tokens)
     else:
         raise DataError("judge: give --judge MODEL (local) or --judge-model NAME [--judge-base-url URL]")
