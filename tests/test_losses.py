@@ -390,7 +390,7 @@ def test_every_named_loss_is_finite_and_has_gradient(name):
     xc, xr = sc.clone().requires_grad_(True), sr.clone().requires_grad_(True)
     out = L.distillation_loss(name, student_chosen=xc, teacher_chosen=tc, mask_chosen=mc,
                               labels_chosen=torch.randint(0, 17, (2, 5)), student_rejected=xr,
-                              teacher_rejected=tr, mask_rejected=mr)
+                              teacher_rejected=tr, mask_rejected=mr, labels_rejected=torch.randint(0, 17, (2, 5)))
     assert out.per_pair.shape == (2,) and torch.isfinite(out.loss)
     out.loss.backward()
     used = [x for x, row in ((xc, "chosen"), (xr, "rejected")) if row in L.LOSSES[name].rows]

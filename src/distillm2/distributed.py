@@ -23,6 +23,7 @@ import os
 import torch
 
 from distillm2.config import TrainConfig
+from distillm2.errors import NonFiniteError
 from distillm2.files import atomic_dir
 
 # Generation on the main process (vLLM, a server) or a long evaluation can keep the other ranks
@@ -197,6 +198,9 @@ def save_trained(accelerator, model, target, tokenizer=None) -> None:
     tokenizer so that the directory loads alone."""
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
+        bad = [k for k, v in (state_dict or {}).items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise NonFiniteError(f"refusing to save {target}: non-finite values in {', '.join(bad[:5])}")
         with atomic_dir(target) as tmp:
             accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
             if tokenizer is not None:

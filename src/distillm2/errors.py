@@ -20,6 +20,10 @@ class TokenizerMismatch(UserError, ValueError):
     """Teacher and student do not share a vocabulary: token-level distillation is undefined."""
 
 
+class NonFiniteError(UserError, FloatingPointError):
+    """Training produced non-finite losses or gradients too often, or weights that are not finite."""
+
+
 class MissingExtra(UserError, ImportError):
     """An optional dependency is not installed; the message gives the install command."""
 

@@ -1,4 +1,4 @@
-"""Fault injection for the resume tests, in one place.
+"""Fault injection for the resume and non-finite tests, in one place.
 
 ``DISTILLM2_CRASH=<stage>:<n>`` kills the process with SIGKILL after ``n`` batches (generation,
 stage names such as ``round-2/student``) or ``n`` optimiser steps (training, ``round-2/train``)
@@ -9,6 +9,16 @@ from __future__ import annotations
 
 import os
 import signal
+
+
+def nan_at(stage: str, step: int) -> bool:
+    """Whether ``DISTILLM2_NAN=<stage>:<step>[,<step>...]`` asks for a non-finite loss at ``step``
+    (1-based optimiser step) of ``stage`` (e.g. ``round-1/train``)."""
+    spec = os.environ.get("DISTILLM2_NAN")
+    if not spec:
+        return False
+    name, _, steps = spec.rpartition(":")
+    return name == stage and str(step) in steps.split(",")
 
 
 def maybe_crash(stage: str, done: int) -> None:

@@ -20,7 +20,6 @@ Paper: Ko et al., "DistiLLM-2: A Contrastive Approach Boosts the Distillation of
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,6 +28,7 @@ from torch import Tensor
 
 from distillm2 import _kernels as K
 from distillm2._chunks import chunked_divergence
+from distillm2.schedules import BETA_SCHEDULES, adaptive_alpha, beta_schedule
 
 __all__ = [
     "forward_kl",
@@ -47,6 +47,7 @@ __all__ = [
     "LossSpec",
     "LOSSES",
     "RowInputs",
+    "LossParams",
     "pair_loss",
     "curriculum_gaps",
     "adaptive_alpha",
@@ -180,24 +181,45 @@ class LossOutput:
     token_sums: dict[str, Tensor] = field(default_factory=dict)
 
 
-# A row divergence: (student logits, teacher logits or labels, mask, alpha [B] or float,
-# temperature, jsd_beta) -> per-token values [B, T]. One per row kind a loss trains on.
-RowDivergence = Callable[[Tensor, Tensor, Tensor, "Tensor | float", float, float], Tensor]
+@dataclass
+class RowInputs:
+    """One row kind (``chosen`` = teacher responses, ``rejected`` = student responses) of a batch
+    of B pairs: the student's logits ``[B, T, V]``, the teacher's logits ``[B, T, V]`` (None for
+    a loss without a teacher), the ``[B, T]`` labels and mask of trained tokens, and alpha (a
+    float or ``[B]``)."""
+
+    student: Tensor
+    teacher: Tensor | None
+    mask: Tensor
+    labels: Tensor | None = None
+    alpha: Tensor | float = 0.1
+
+
+@dataclass(frozen=True)
+class LossParams:
+    """The numbers a loss may read besides its rows."""
+
+    temperature: float = 1.0
+    jsd_beta: float = 0.9
+    dpo_beta: float = 0.1
+
+
+# A row divergence: (row, params) -> per-token values [B, T]. One per row kind a loss trains on.
+RowDivergence = Callable[[RowInputs, LossParams], Tensor]
 
 
 @dataclass(frozen=True)
 class LossSpec:
-    """A named loss as data: per row kind (``"chosen"`` = teacher response, ``"rejected"`` =
-    student response) the log name of its per-pair term and its per-token divergence; whether it
-    reads the teacher; the weight of each row as a function of beta; and, for a loss that couples
-    the two rows of a pair (such as DPO), ``combine`` mapping the per-row sequence values to the
-    per-pair loss instead of the weighted sum."""
+    """A named loss as data: per row kind the log name of its per-pair term and its per-token
+    divergence; whether it reads the teacher; the weight of each row as a function of beta; and,
+    for a loss that couples the two rows of a pair (DPKD, DPO), ``combine`` mapping the per-row
+    sequence values and the params to the per-pair loss instead of the weighted sum."""
 
     terms: dict[str, tuple[str, RowDivergence]]
     needs_teacher: bool
     description: str
     weights: Callable[[float], dict[str, float]] | None = None
-    combine: Callable[[dict[str, Tensor]], Tensor] | None = None
+    combine: Callable[[dict[str, Tensor], LossParams], Tensor] | None = None
 
     @property
     def rows(self) -> tuple[str, ...]:
@@ -211,40 +233,66 @@ class LossSpec:
         return {which: 1.0 / len(self.terms) for which in self.terms}
 
 
-def _nll(s, labels, m, a, tau, jb):
-    return token_cross_entropy(s, labels, m)
+def _need(row: RowInputs, what: str):
+    value = getattr(row, what)
+    if value is None:
+        raise ValueError(f"this loss needs the {what} of its rows")
+    return value
 
 
-def _kd(s, t, m, a, tau, jb):
-    return forward_kl(s, t, m, temperature=tau)
+def _nll(r, p):
+    return token_cross_entropy(r.student, _need(r, "labels"), r.mask)
 
 
-def _rkl(s, t, m, a, tau, jb):
-    return reverse_kl(s, t, m, temperature=tau)
+def _kd(r, p):
+    return forward_kl(r.student, _need(r, "teacher"), r.mask, temperature=p.temperature)
 
 
-def _gkd(s, t, m, a, tau, jb):
-    return generalized_jsd(s, t, m, beta=jb, temperature=tau)
+def _rkl(r, p):
+    return reverse_kl(r.student, _need(r, "teacher"), r.mask, temperature=p.temperature)
 
 
-def _tvd(s, t, m, a, tau, jb):
-    return total_variation(s, t, m, temperature=tau)
+def _gkd(r, p):
+    return generalized_jsd(r.student, _need(r, "teacher"), r.mask, beta=p.jsd_beta, temperature=p.temperature)
 
 
-def _skl(s, t, m, a, tau, jb):
-    return skew_forward_kl(s, t, m, alpha=a, temperature=tau)
+def _tvd(r, p):
+    return total_variation(r.student, _need(r, "teacher"), r.mask, temperature=p.temperature)
 
 
-def _srkl(s, t, m, a, tau, jb):
-    return skew_reverse_kl(s, t, m, alpha=a, temperature=tau)
+def _skl(r, p):
+    return skew_forward_kl(r.student, _need(r, "teacher"), r.mask, alpha=r.alpha, temperature=p.temperature)
 
 
-def _srkl_v1(s, t, m, a, tau, jb):
-    return skew_reverse_kl(s, t, m, alpha=a, detach_mixture=False, temperature=tau)
+def _srkl(r, p):
+    return skew_reverse_kl(r.student, _need(r, "teacher"), r.mask, alpha=r.alpha, temperature=p.temperature)
+
+
+def _srkl_v1(r, p):
+    return skew_reverse_kl(r.student, _need(r, "teacher"), r.mask, alpha=r.alpha, detach_mixture=False,
+                           temperature=p.temperature)
+
+
+def _log_ratio(r, p):
+    """log q(y_t) - log p(y_t) per token: the student's log-probability of the row's own tokens
+    relative to the teacher's (the teacher is the DPO reference, without gradient)."""
+    labels = _need(r, "labels")
+    with torch.no_grad():
+        teacher_nll = token_cross_entropy(_need(r, "teacher"), labels, r.mask)
+    return teacher_nll - token_cross_entropy(r.student, labels, r.mask)
+
+
+def _dpo(sequences: dict[str, Tensor], p: LossParams) -> Tensor:
+    """-log sigmoid(beta (r_chosen - r_rejected)) on mean-token log-ratios (DPKD)."""
+    return -torch.nn.functional.logsigmoid(p.dpo_beta * (sequences["chosen"] - sequences["rejected"]))
 
 
 def _distillm2_weights(beta: float) -> dict[str, float]:
     return {"chosen": 1.0 - beta, "rejected": beta}
+
+
+def _summed(beta: float) -> dict[str, float]:
+    return {"chosen": 1.0, "rejected": 1.0}
 
 
 LOSSES: dict[str, LossSpec] = {
@@ -252,52 +300,57 @@ LOSSES: dict[str, LossSpec] = {
     "seqkd": LossSpec({"chosen": ("nll", _nll)}, False, "cross-entropy on teacher responses (SeqKD)"),
     "kd": LossSpec({"chosen": ("chosen", _kd)}, True, "forward KL on teacher responses"),
     "rkl": LossSpec({"rejected": ("rejected", _rkl)}, True, "reverse KL on student responses"),
+    "imitkd": LossSpec({"rejected": ("rejected", _kd)}, True, "forward KL on student responses (ImitKD)"),
+    "skd": LossSpec({"rejected": ("rejected", _kd)}, True,
+                    "forward KL on interleaved student/teacher samples (Speculative KD; generation.mode skd)"),
     "gkd": LossSpec({"chosen": ("chosen", _gkd), "rejected": ("rejected", _gkd)}, True,
-                    "generalised JSD (loss.jsd_beta) on both"),
-    "tvd": LossSpec({"chosen": ("chosen", _tvd), "rejected": ("rejected", _tvd)}, True, "total variation on both"),
-    "distillm": LossSpec({"chosen": ("chosen", _srkl_v1), "rejected": ("rejected", _srkl_v1)}, True,
-                         "skew reverse KL (v1 gradient) on both"),
+                    "generalised JSD (loss.jsd_beta) on both, averaged"),
+    "tvd": LossSpec({"chosen": ("chosen", _tvd), "rejected": ("rejected", _tvd)}, True,
+                    "total variation on both, averaged"),
+    "distillm": LossSpec({"chosen": ("chosen", _srkl), "rejected": ("rejected", _srkl)}, True,
+                         "skew reverse KL on both rows, summed (the released distillm_v1 path)", weights=_summed),
+    "distillm_v1grad": LossSpec({"chosen": ("chosen", _srkl_v1), "rejected": ("rejected", _srkl_v1)}, True,
+                                "skew reverse KL with DistiLLM v1's non-detached gradient on both, averaged"),
+    "dpkd": LossSpec({"chosen": ("chosen", _log_ratio), "rejected": ("rejected", _log_ratio)}, True,
+                     "DPO with the teacher as reference on mean-token log-probabilities (DPKD)", combine=_dpo),
     "distillm2": LossSpec({"chosen": ("skl", _skl), "rejected": ("srkl", _srkl)}, True,
                           "(1-beta) SKL on teacher + beta SRKL on student responses", weights=_distillm2_weights),
 }
 
 
-@dataclass
-class RowInputs:
-    """One row kind (``chosen`` or ``rejected``) of a batch of B pairs: the student's logits
-    ``[B, T, V]``, the target -- the teacher's logits ``[B, T, V]``, or the labels ``[B, T]`` for a
-    loss without a teacher -- the ``[B, T]`` mask of trained tokens, and alpha (float or ``[B]``)."""
-
-    student: Tensor
-    target: Tensor
-    mask: Tensor
-    alpha: Tensor | float = 0.1
-
-
-def pair_loss(name: str, rows: dict[str, RowInputs], *, beta: float = 0.5, jsd_beta: float = 0.9,
-              temperature: float = 1.0) -> LossOutput:
+def pair_loss(name: str, rows: dict[str, RowInputs], *, beta: float = 0.5, params: LossParams | None = None,
+              jsd_beta: float | None = None, temperature: float | None = None) -> LossOutput:
     """Any loss of :data:`LOSSES` by name, as its table entry says: per pair, the sequence mean
     of each used row's divergence, combined by the row weights (``1 - beta``, ``beta`` for
-    distillm2; equal otherwise) or by the spec's ``combine``. ``rows`` must hold every row kind
-    of ``LOSSES[name].rows``. Returns a :class:`LossOutput`."""
+    distillm2; 1 each for distillm; equal otherwise) or by the spec's ``combine``. ``rows`` must
+    hold every row kind of ``LOSSES[name].rows``. Returns a :class:`LossOutput`."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")
+    params = params or LossParams()
+    if jsd_beta is not None or temperature is not None:
+        params = LossParams(temperature=params.temperature if temperature is None else temperature,
+                            jsd_beta=params.jsd_beta if jsd_beta is None else jsd_beta, dpo_beta=params.dpo_beta)
     spec = LOSSES[name]
     weights = spec.row_weights(beta)
     terms, token_sums, sequences = {}, {}, {}
     for which, (term, divergence) in spec.terms.items():
         row = rows.get(which)
-        if row is None or row.student is None or row.target is None or row.mask is None:
-            needed = "labels_chosen" if not spec.needs_teacher else f"student, teacher and mask for the {which} rows"
-            raise ValueError(f"loss {name!r} needs {needed}")
-        values = divergence(row.student, row.target, row.mask, row.alpha, temperature, jsd_beta)
+        if row is None or row.student is None or row.mask is None:
+            raise ValueError(f"loss {name!r} needs the {which} rows")
+        try:
+            values = divergence(row, params)
+        except ValueError as err:
+            if "this loss needs" in str(err):
+                what = "labels_chosen" if not spec.needs_teacher else f"student, teacher and mask for the {which} rows"
+                raise ValueError(f"loss {name!r} needs {what}") from None
+            raise
         sequences[which] = terms[term] = sequence_mean(values, row.mask)
         token_sums[which] = weights[which] * torch.where(row.mask.bool(), values, 0.0).sum()
     sizes = {tuple(v.shape) for v in sequences.values()}
     if len(sizes) > 1:
         raise ValueError(f"chosen and rejected batches differ in size: {' vs '.join(map(str, sizes))}")
     if spec.combine is not None:
-        per_pair = spec.combine(sequences)
+        per_pair = spec.combine(sequences, params)
     else:
         per_pair = sum(weights[which] * seq for which, seq in sequences.items())
     return LossOutput(per_pair.mean(), per_pair, terms, token_sums)
@@ -313,22 +366,23 @@ def distillation_loss(
     student_rejected=None,
     teacher_rejected=None,
     mask_rejected=None,
+    labels_rejected=None,
     alpha_chosen=0.1,
     alpha_rejected=0.1,
     beta=0.5,
     jsd_beta=0.9,
+    dpo_beta=0.1,
     temperature=1.0,
 ) -> LossOutput:
     """:func:`pair_loss` with the rows given as keywords. Only the rows ``LOSSES[name].rows``
-    need to be given; losses without a teacher read ``labels_chosen``. Logits ``[B, T, V]``,
-    masks ``[B, T]``; returns a :class:`LossOutput`."""
-    needs_teacher = LOSSES[name].needs_teacher if name in LOSSES else True
+    need to be given; losses without a teacher read ``labels_chosen``, dpkd reads both labels.
+    Logits ``[B, T, V]``, masks ``[B, T]``; returns a :class:`LossOutput`."""
     rows = {
-        "chosen": RowInputs(student_chosen, teacher_chosen if needs_teacher else labels_chosen, mask_chosen,
-                            alpha_chosen),
-        "rejected": RowInputs(student_rejected, teacher_rejected, mask_rejected, alpha_rejected),
+        "chosen": RowInputs(student_chosen, teacher_chosen, mask_chosen, labels_chosen, alpha_chosen),
+        "rejected": RowInputs(student_rejected, teacher_rejected, mask_rejected, labels_rejected, alpha_rejected),
     }
-    return pair_loss(name, rows, beta=beta, jsd_beta=jsd_beta, temperature=temperature)
+    return pair_loss(name, rows, beta=beta,
+                     params=LossParams(temperature=temperature, jsd_beta=jsd_beta, dpo_beta=dpo_beta))
 
 
 def distillm2_loss(
@@ -372,48 +426,3 @@ def curriculum_gaps(student_logits: Tensor, teacher_logits: Tensor, labels: Tens
     lp = (-sequence_mean(token_cross_entropy(teacher_logits.detach(), labels, mask), mask)).exp()
     k = chosen_rows
     return lp[:k] - lq[:k], lq[k:] - lp[k:]
-
-
-# Schedules -------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def adaptive_alpha(gap, anchor, *, alpha0=0.1, alpha_min=0.01, alpha_max=0.1) -> Tensor:
-    """Per-sample skew coefficient of DistiLLM-2's curriculum (§3.3).
-
-    ``gap`` ``[B]``: exp(mean teacher log-prob) - exp(mean student log-prob) of a row's response
-    (sign flipped for student rows), ``anchor``: the batch-mean gap measured at the start of the
-    round. Returns float32 ``[B]``: clip(1 - (1 - alpha0) anchor / gap, alpha_min, alpha_max)
-    where gap > 0, alpha_min where gap <= 0 (already easy), and alpha0 everywhere if anchor <= 0.
-    """
-    if not 0.0 <= alpha_min <= alpha_max < 1.0:
-        raise ValueError(f"need 0 <= alpha_min <= alpha_max < 1, got {alpha_min}, {alpha_max}")
-    gap = torch.as_tensor(gap, dtype=torch.float32)
-    anchor = float(anchor)
-    if not math.isfinite(anchor) or anchor <= 0.0:
-        return torch.full_like(gap, float(alpha0))
-    safe_gap = torch.where(gap > 0, gap, 1.0)
-    alpha = (1.0 - (1.0 - alpha0) * anchor / safe_gap).clamp(alpha_min, alpha_max)
-    return torch.where(gap > 0, alpha, torch.full_like(alpha, alpha_min))
-
-
-BETA_SCHEDULES = ("constant", "linear")
-
-
-def beta_schedule(progress, kind="linear", *, beta0=0.5, beta_max=0.75, ramp=0.5) -> float:
-    """Weight of the reverse (student-response) term at ``progress`` in [0, 1] of the whole run.
-
-    ``constant``: beta0. ``linear`` (the released code's schedule): rises linearly from beta0 to
-    beta_max over the first ``ramp`` fraction of the run, then stays at beta_max.
-    """
-    progress = float(progress)
-    if not 0.0 <= progress <= 1.0:
-        raise ValueError(f"beta_schedule: progress must lie in [0, 1], got {progress}")
-    if kind == "constant":
-        return float(beta0)
-    if kind == "linear":
-        if ramp < 0:
-            raise ValueError(f"beta_schedule: ramp must be >= 0, got {ramp}")
-        frac = 1.0 if ramp == 0 else min(progress / ramp, 1.0)
-        return float(beta0 + (beta_max - beta0) * frac)
-    raise ValueError(f"unknown beta schedule {kind!r}; valid: {', '.join(BETA_SCHEDULES)}")

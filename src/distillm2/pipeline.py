@@ -69,7 +69,7 @@ class Run:
         path = self.dir / "prompts.jsonl"
         if not path.exists() and self.main:
             found = given if given is not None else load_prompts(
-                self.cfg.data.prompts, self.cfg.data.field, self.cfg.data.max_prompts)
+                self.cfg.data.prompts, self.cfg.data.field, self.cfg.data.max_prompts, self.cfg.data.response_field)
             write_jsonl(path, found)
         self.acc.wait_for_everyone()
         return read_jsonl(path)
@@ -99,6 +99,12 @@ class Run:
         with distributed.replicated_loading(self.acc):
             return self._load_student(stage_model)
 
+    def _stages_up_to(self, stage_model: Path) -> list[Path]:
+        """The finished stages' model directories in training order, up to ``stage_model``."""
+        order = [self.dir / "sft" / "model"] + [self.dir / f"round-{k}" / "model" for k in range(1, self.cfg.rounds + 1)]
+        chain = [p for p in order if p.exists()]
+        return chain[: chain.index(stage_model) + 1] if stage_model in chain else chain
+
     def _load_student(self, stage_model: Path | None):
         mc = self.cfg.models
         kwargs = {"attn_implementation": mc.attn_implementation}
@@ -111,17 +117,35 @@ class Run:
             return models.add_lora(base, mc.lora_r, mc.lora_alpha, mc.lora_dropout, mc.lora_target_modules)
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(base, str(stage_model), is_trainable=True)
+        if mc.lora_rounds == "carry":  # one adapter trained on through every stage
+            return PeftModel.from_pretrained(base, str(stage_model), is_trainable=True)
+        # fresh (as released): every finished stage's adapter merged in turn, then a new adapter
+        for adapter in self._stages_up_to(stage_model):
+            base = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+        return models.add_lora(base, mc.lora_r, mc.lora_alpha, mc.lora_dropout, mc.lora_target_modules)
 
     # stages -----------------------------------------------------------------------------------
 
-    def generate(self, model, out: Path, stage: str, teacher: bool = False) -> list[dict]:
+    def round_seed(self, round_index: int) -> int:
+        """The sampling seed of round ``round_index``: every round samples afresh (round 1 keeps
+        train.seed), and a resumed round samples what it would have."""
+        return self.cfg.train.seed + 100_003 * (round_index - 1)
+
+    def generate(self, model, out: Path, stage: str, teacher: bool = False, round_index: int = 1) -> list[dict]:
         """Sampled responses of ``model`` (the teacher, or the current student) for the run's
         prompts into ``out`` (all ranks)."""
         return generate_responses(model, self.tokenizer, self.prompts, out, self.cfg.generation,
-                                  seed=self.cfg.train.seed, max_prompt_length=self.cfg.data.max_prompt_length,
+                                  seed=self.round_seed(round_index), max_prompt_length=self.cfg.data.max_prompt_length,
                                   accelerator=self.acc, desc=stage, role="teacher" if teacher else "student",
                                   source=self.cfg.models.teacher if teacher else None)
+
+    def generate_interleaved(self, student, out: Path, stage: str, round_index: int) -> list[dict]:
+        """Speculative KD's responses: the student proposes, the teacher replaces what falls
+        outside its top k (loss.skd_top_k)."""
+        return generate_responses(student, self.tokenizer, self.prompts, out, self.cfg.generation,
+                                  seed=self.round_seed(round_index), max_prompt_length=self.cfg.data.max_prompt_length,
+                                  accelerator=self.acc, desc=stage, interleave_with=self.teacher,
+                                  top_k=self.cfg.loss.skd_top_k)
 
     def train_stage(self, student, pairs, stage_dir: Path, loss_cfg: LossConfig, epochs: float, schedule: Schedule):
         """One training stage; writes ``stage_dir/model`` and returns the trained student, or None
@@ -145,15 +169,36 @@ class Run:
         self.acc.wait_for_everyone()
         return final
 
+    def _sft_pairs(self, teacher_rows: list[dict]) -> tuple[list[dict], str]:
+        """The warm-up's pairs: ground-truth responses when every prompt carries one (the
+        paper's SFT), else the teacher's (SeqKD); and which of the two."""
+        source = self.cfg.data.sft_on
+        has_truth = all(p.get("response") for p in self.prompts)
+        if source == "ground_truth" and not has_truth:
+            missing = sum(not p.get("response") for p in self.prompts)
+            raise DataError(f"data.sft_on ground_truth: {missing} prompts carry no response "
+                            "(set data.response_field or end their messages with the assistant's turn)")
+        if source == "ground_truth" or (source == "auto" and has_truth):
+            rows = [{"id": p["id"], "response": p["response"], "finish_reason": "stop"} for p in self.prompts]
+            source = "ground_truth"
+        else:
+            rows, source = teacher_rows, "teacher"
+        pairs, _ = make_pairs(self.prompts, rows, [dict(t, response="") for t in rows])
+        return pairs, source
+
     def execute(self) -> Path:
         """Run (or continue) every stage; returns the run directory."""
         cfg = self.cfg
+        fresh_lora = cfg.models.lora and cfg.models.lora_rounds == "fresh"
         teacher_rows = self.generate(self.teacher, self.dir / "round-1" / "teacher.jsonl", "round-1/teacher", True)
         student, previous = None, None
         if cfg.sft_epochs > 0:
             sft_dir = self.dir / "sft"
             if not (sft_dir / "model").exists():
-                pairs, _ = make_pairs(self.prompts, teacher_rows, [dict(t, response="") for t in teacher_rows])
+                pairs, source = self._sft_pairs(teacher_rows)
+                logger.info("sft: warm-up on %s responses", source.replace("_", "-"))
+                if self.main:
+                    write_json_atomic(sft_dir / "sft_source.json", {"responses": source}, indent=None)
                 student = self.train_stage(self.load_student(None), pairs, sft_dir,
                                            dataclasses.replace(cfg.loss, name="sft"), cfg.sft_epochs,
                                            Schedule(round_index=0))
@@ -165,12 +210,14 @@ class Run:
             if (rdir / "model").exists():
                 student, previous = None, rdir / "model"
                 continue
-            if student is None:
+            if student is None or fresh_lora:  # fresh adapters: a new one on the merged model
                 student = self.load_student(previous)
             if k > 1 and cfg.generation.teacher_per_round:
-                teacher_rows = self.generate(self.teacher, rdir / "teacher.jsonl", f"round-{k}/teacher", True)
-            if "rejected" in LOSSES[cfg.loss.name].rows:
-                student_rows = self.generate(student, rdir / "student.jsonl", f"round-{k}/student")
+                teacher_rows = self.generate(self.teacher, rdir / "teacher.jsonl", f"round-{k}/teacher", True, k)
+            if cfg.loss.name == "skd":
+                student_rows = self.generate_interleaved(student, rdir / "student.jsonl", f"round-{k}/student", k)
+            elif "rejected" in LOSSES[cfg.loss.name].rows:
+                student_rows = self.generate(student, rdir / "student.jsonl", f"round-{k}/student", False, k)
             else:  # sft, seqkd, kd never read student responses: do not sample them
                 student_rows = [dict(t, response="", finish_reason="length") for t in teacher_rows]
             pairs, missing = make_pairs(self.prompts, teacher_rows, student_rows)
@@ -180,11 +227,11 @@ class Run:
                 write_jsonl(rdir / "pairs.jsonl", pairs)
             self.acc.wait_for_everyone()
             schedule = Schedule(round_index=k, step_offset=(k - 1) * steps_per_round,
-                                total_steps=steps_per_round * cfg.rounds)
+                                total_steps=steps_per_round * cfg.rounds, rounds=cfg.rounds)
             student = self.train_stage(student, pairs, rdir, cfg.loss, cfg.train.epochs, schedule)
             previous = rdir / "model"
 
-        if not (self.dir / "final" / "config.json").exists():
+        if self._final_is_stale(previous):
             if student is None:
                 student = self.load_student(previous)
             self.save_final(student, to_yaml(cfg))
@@ -193,6 +240,16 @@ class Run:
         if cfg.eval.prompts:
             self.evaluate()
         return self.dir
+
+    def _final_is_stale(self, last_stage: Path | None) -> bool:
+        """``final/`` is rebuilt when missing or older than the last stage's model (a finished run
+        continued with more rounds)."""
+        final = self.dir / "final" / "config.json"
+        if not final.exists():
+            return True
+        if last_stage is None or not last_stage.exists():
+            return False
+        return max(p.stat().st_mtime_ns for p in last_stage.iterdir()) > final.stat().st_mtime_ns
 
     def evaluate(self) -> dict:
         """Teacher, SFT student (if the run had a warm-up) and distilled student on the held-out

@@ -27,10 +27,12 @@ import torch
 from distillm2 import checkpoint, distributed
 from distillm2.config import LossConfig, TrainConfig
 from distillm2.data import Batch, collate, encode_pairs
-from distillm2.faults import maybe_crash
+from distillm2.errors import NonFiniteError
+from distillm2.faults import maybe_crash, nan_at
 from distillm2.files import write_json_atomic
 from distillm2.losses import (
     LOSSES,
+    LossParams,
     RowInputs,
     adaptive_alpha,
     beta_schedule,
@@ -48,6 +50,7 @@ class Schedule:
     round_index: int = 1  # 1-based DistiLLM-2 round; the curriculum starts at round 2
     step_offset: int = 0  # optimiser steps of earlier distillation stages
     total_steps: int | None = None  # of all distillation stages (None: this stage only)
+    rounds: int = 1  # of the run
 
 
 def plan_steps(num_pairs: int, cfg: TrainConfig, world: int, stage_seed: int) -> list[list[list[int]]]:
@@ -148,6 +151,9 @@ class Trainer:
         self.tokenizer, self.vocab = tokenizer, vocab
         self.schedule = schedule or Schedule()
         self.spec = LOSSES[loss_cfg.name]
+        self.params = LossParams(temperature=loss_cfg.temperature, jsd_beta=loss_cfg.jsd_beta,
+                                 dpo_beta=loss_cfg.dpo_beta)
+        self.pair_ids = [p.get("id", str(i)) for i, p in enumerate(pairs)]
         self.encoded, stats = encode_pairs(pairs, tokenizer, self.spec.rows, max_prompt_length, max_length)
         if accelerator.is_main_process:  # one writer: ranks share the file system
             if stats.prompts or stats.responses:
@@ -230,18 +236,21 @@ class Trainer:
         if not self.curriculum:
             return lc.alpha0, lc.alpha0
         gc, gr = curriculum_gaps(student_logits, teacher_logits, mb.batch.labels, mb.batch.mask, mb.pairs)
-        bounds = {"alpha0": lc.alpha0, "alpha_min": lc.alpha_min, "alpha_max": lc.alpha_max}
+        bounds = {"alpha0": lc.alpha0, "alpha_min": lc.alpha_min, "alpha_max": lc.alpha_max,
+                  "negative_gap": lc.negative_gap}
         device = student_logits.device
         return (adaptive_alpha(gc, self.state["anchor_chosen"], **bounds).to(device),
                 adaptive_alpha(gr, self.state["anchor_rejected"], **bounds).to(device))
 
     def _loss(self, mb: MicroBatch, student_logits, teacher_logits, beta, denom, metrics: StepMetrics):
         alphas = dict(zip(("chosen", "rejected"), self._alphas(mb, student_logits, teacher_logits)))
-        targets = teacher_logits if teacher_logits is not None else mb.batch.labels
-        rows = {which: RowInputs(student_logits[mb.part(which)], targets[mb.part(which)],
-                                 mb.batch.mask[mb.part(which)], alphas[which]) for which in self.spec.rows}
-        lc = self.loss_cfg
-        out = pair_loss(lc.name, rows, beta=beta, jsd_beta=lc.jsd_beta, temperature=lc.temperature)
+        rows = {}
+        for which in self.spec.rows:
+            part = mb.part(which)
+            teacher = teacher_logits[part] if teacher_logits is not None else None
+            rows[which] = RowInputs(student_logits[part], teacher, mb.batch.mask[part], mb.batch.labels[part],
+                                    alphas[which])
+        out = pair_loss(self.loss_cfg.name, rows, beta=beta, params=self.params)
         if self.cfg.reduction == "sequence":
             loss = out.per_pair.sum() / denom
         else:
@@ -270,11 +279,14 @@ class Trainer:
                 if self.curriculum and self.state["anchor_chosen"] is None:
                     self._measure_anchor(step_batches)
                 progress = min(1.0, (self.schedule.step_offset + step) / max(1, total_steps - 1))
-                beta = beta_schedule(progress, self.loss_cfg.beta_schedule, beta0=self.loss_cfg.beta0,
-                                     beta_max=self.loss_cfg.beta_max, ramp=self.loss_cfg.beta_ramp)
+                lc = self.loss_cfg
+                beta = beta_schedule(progress, lc.beta_schedule, beta0=lc.beta0, beta_max=lc.beta_max,
+                                     ramp=lc.beta_ramp, round_progress=step / max(1, len(self.steps) - 1),
+                                     round_index=self.schedule.round_index, rounds=self.schedule.rounds)
                 denom = self._step_denominator(step_batches)
                 metrics = StepMetrics()
                 t0 = time.perf_counter()
+                bad_rows: list[str] = []
                 for m, indices in enumerate(step_batches):
                     mb = self._micro_batch(indices)
                     metrics.add("tokens", mb.batch.attention_mask.sum())
@@ -285,14 +297,34 @@ class Trainer:
                     with acc.no_sync(self.student) if not sync else contextlib.nullcontext():
                         student_logits, teacher_logits = self._logits(mb)
                         loss = self._loss(mb, student_logits, teacher_logits, beta, denom, metrics)
+                        if nan_at(f"{self.stage_dir.name}/train", step + 1):
+                            loss = loss * float("nan")  # fault injection (tests)
+                        if not torch.isfinite(loss):
+                            bad_rows += self._rows_of(indices)
+                        if distributed.engine(acc) == "deepspeed" and self._any(bool(bad_rows)):
+                            # DeepSpeed steps inside its backward: the step cannot be skipped.
+                            self._fail(step + 1, metrics, bad_rows, "under DeepSpeed a non-finite step cannot be skipped")
                         acc.backward(loss)
                     del student_logits, teacher_logits, loss
                 grad_norm = distributed.grad_norm(acc, self.student, cfg.max_grad_norm)
-                self.optimizer.step()
+                finite = not self._any(bool(bad_rows) or not math.isfinite(grad_norm))
+                if finite:
+                    self.optimizer.step()
+                    self.state["nonfinite_in_a_row"] = 0
+                else:  # skipped: no weight or optimiser-state change
+                    self.state["nonfinite_in_a_row"] = self.state.get("nonfinite_in_a_row", 0) + 1
+                    self.state["skipped_steps"] = self.state.get("skipped_steps", 0) + 1
+                    logger.warning("%s: step %d skipped: non-finite loss or gradient norm (rows %s)",
+                                   self.stage_dir.name, step + 1, ", ".join(bad_rows[:8]) or "unknown")
+                    if self.state["nonfinite_in_a_row"] > cfg.max_nonfinite_steps:
+                        self._fail(step + 1, metrics, bad_rows,
+                                   f"{self.state['nonfinite_in_a_row']} non-finite steps in a row "
+                                   f"(train.max_nonfinite_steps={cfg.max_nonfinite_steps})")
                 lr = self.scheduler.get_last_lr()[0]
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.state["step"] = step + 1
+                metrics.add("skipped", 0.0 if finite else 1.0)
                 self._log(step + 1, metrics, beta, lr, grad_norm, time.perf_counter() - t0, metrics_path, bar)
                 last = step + 1 == len(self.steps)
                 if last:
@@ -309,8 +341,28 @@ class Trainer:
         acc.free_memory()  # forget this stage's model and optimiser: the next stage prepares anew
         return student
 
+    def _rows_of(self, indices) -> list[str]:
+        mine = indices[self.rank * self.cfg.batch_size : (self.rank + 1) * self.cfg.batch_size]
+        return [self.pair_ids[i] for i in mine]
+
+    def _any(self, flag: bool) -> bool:
+        """``flag`` on any rank (every rank must call it: it is a collective)."""
+        if self.world == 1:
+            return flag
+        return bool(self.acc.reduce(torch.tensor([float(flag)], device=self.acc.device), "sum").item() > 0)
+
+    def _fail(self, step: int, metrics: StepMetrics, rows: list[str], why: str):
+        terms = {k: round(v / max(metrics.sums.get("pairs", 1.0), 1.0), 4) for k, v in metrics.sums.items()
+                 if k not in ("pairs", "tokens")}
+        raise NonFiniteError(f"{self.stage_dir}: step {step}: {why}; loss terms (per pair, this rank) {terms}; "
+                             f"pairs with a non-finite loss: {', '.join(rows[:16]) or 'none (the gradient was)'}. "
+                             f"The last checkpoint is intact; lower train.lr or check these rows.")
+
     def _log(self, step, metrics: StepMetrics, beta, lr, grad_norm, seconds, path, bar):
+        skipped = metrics.sums.pop("skipped", 0.0)
         record = {"step": step, **metrics.record(self.acc)}
+        record["skipped"] = int(skipped)
+        record["skipped_total"] = int(self.state.get("skipped_steps", 0))
         tokens = record.pop("tokens")
         record.update({"beta": beta, "lr": lr, "grad_norm": grad_norm, "world_size": self.world,
                        "tokens_per_s": tokens / max(seconds, 1e-9), "step_s": seconds})

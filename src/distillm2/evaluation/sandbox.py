@@ -8,17 +8,24 @@ network sockets, starting processes, and any file write, delete or rename outsid
 directory. The directory is removed afterwards. This is defence in depth for benchmark code, not
 a security boundary against a determined attacker (ctypes could still poke memory); run untrusted
 evaluations inside a container or VM as well.
+
+A program passes only when it runs to its end: after the program returns, the runner prints a
+random token chosen for that run, and a pass needs that token as the last line of its output
+and exit status 0. A program that leaves early with ``sys.exit(0)`` or ``os._exit(0)`` (before
+its tests ran) therefore fails, as in the reference HumanEval harness.
 """
 
 from __future__ import annotations
 
 import os
 import resource
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 # The runner: install the audit hook, then exec the program read from stdin.
@@ -52,8 +59,11 @@ def _hook(event, args):
             if isinstance(a, (str, bytes, os.PathLike)) and not _inside(a):
                 raise PermissionError(f"sandbox: {event} on {a!r} outside the working directory")
 sys.addaudithook(_hook)
-source = sys.stdin.read()
-exec(compile(source, "<program>", "exec"), {"__name__": "__main__"})
+def _main(sentinel=sys.stdin.readline().strip()):
+    exec(compile(sys.stdin.read(), "<program>", "exec"), {"__name__": "__main__"})
+    sys.stdout.flush()
+    os.write(1, ("\n" + sentinel + "\n").encode())
+_main()
 """
 
 
@@ -79,8 +89,10 @@ def _limits(cpu_seconds: int, memory_bytes: int):
 
 
 def run_program(source: str, timeout: float = 10.0, memory_mb: int = 1024) -> Outcome:
-    """Execute ``source`` as a Python program under the limits above. Passed = exit status 0
-    within ``timeout`` seconds."""
+    """Execute ``source`` as a Python program under the limits above. Passed = it ran to its
+    end (the run's token printed after it returned) with exit status 0 within ``timeout``
+    seconds."""
+    sentinel = secrets.token_hex(16)
     workdir = tempfile.mkdtemp(prefix="distillm2-sandbox-")
     try:
         proc = subprocess.Popen(
@@ -89,16 +101,28 @@ def run_program(source: str, timeout: float = 10.0, memory_mb: int = 1024) -> Ou
             preexec_fn=_limits(int(timeout) + 1, memory_mb * 2**20),
         )
         try:
-            _, err = proc.communicate(source.encode(), timeout=timeout)
+            out, err = proc.communicate(f"{sentinel}\n{source}".encode(), timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
             return Outcome(False, "timeout", f"no result within {timeout} s")
-        if proc.returncode == 0:
+        finished = out.decode(errors="replace").rstrip().endswith(sentinel)
+        if proc.returncode == 0 and finished:
             return Outcome(True, "passed")
+        if proc.returncode == 0:
+            return Outcome(False, "failed", "the program exited before its end (sys.exit / os._exit)")
         tail = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
         return Outcome(False, "failed", tail[0][:300])
     except OSError as err:
         return Outcome(False, "error", str(err))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_programs(sources: list[str], timeout: float = 10.0, memory_mb: int = 1024,
+                 workers: int | None = None) -> list[Outcome]:
+    """:func:`run_program` over ``sources``, ``workers`` at a time (default: one per CPU), in
+    order."""
+    workers = max(1, workers or os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda s: run_program(s, timeout, memory_mb), sources))

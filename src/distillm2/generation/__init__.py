@@ -27,6 +27,7 @@ from distillm2.errors import ConfigError
 from distillm2.files import read_jsonl
 from distillm2.generation.common import all_paths, done_rows, merge_parts, repair
 from distillm2.generation.hf import eos_ids, generate_hf, sampling_kwargs
+from distillm2.generation.interleaved import generate_interleaved
 from distillm2.generation.server import generate_server, load_weights
 from distillm2.generation.vllm import generate_vllm
 from distillm2.progress import logger, setup_logging
@@ -43,14 +44,17 @@ def _export(model, tokenizer, target: Path, dtype: str, accelerator) -> Path:
 
 def generate_responses(model, tokenizer, prompts: list[dict], output: str | Path, settings: GenerationConfig,
                        *, seed: int = 42, max_prompt_length: int = 512, accelerator=None, desc: str = "generate",
-                       source: str | None = None, role: str = "student") -> list[dict]:
+                       source: str | None = None, role: str = "student", interleave_with=None,
+                       top_k: int = 25) -> list[dict]:
     """Responses of ``model`` for ``prompts`` into ``output`` (resumable; every rank calls it).
 
     ``model`` is a loaded model (possibly wrapped by accelerate or an engine, or carrying LoRA
     adapters), or None when ``source`` is all an engine needs. ``source``: the hub id or
     directory the model was loaded from and still equals (engines then load it from there;
     otherwise they get a merged export). ``role``: ``"teacher"`` (the server backend asks
-    ``generation.server_url``) or ``"student"`` (``generation.student_server_url``). Returns all
+    ``generation.server_url``) or ``"student"`` (``generation.student_server_url``).
+    ``interleave_with``: a teacher model for Speculative KD's interleaved sampling (HF backend;
+    a student token outside the teacher's ``top_k`` is replaced by the teacher's). Returns all
     rows, in prompt order.
     """
     output = Path(output)
@@ -71,7 +75,18 @@ def generate_responses(model, tokenizer, prompts: list[dict], output: str | Path
     backend = settings.backend
     if backend == "server" and role != "teacher" and not settings.student_server_url:
         backend = "hf"
-    if backend == "hf":
+    if interleave_with is not None:
+        if backend != "hf":
+            raise ConfigError(f"interleaved sampling (loss skd) needs generation.backend hf, not {backend}")
+        student = models.plain_copy(accelerator.unwrap_model(model) if accelerator else model, settings.dtype)
+        teacher = distributed.generation_module(interleave_with)
+        generate_interleaved(student.to(next(teacher.parameters()).device), teacher, tokenizer, prompts, output,
+                             top_k=top_k, batch_size=settings.batch_size, rank=rank, world_size=world, done=done,
+                             **{k: v for k, v in common.items() if k != "greedy"})
+        backend = None
+    if backend is None:
+        pass
+    elif backend == "hf":
         if model is None:
             model = models.load_model(source, settings.dtype)
         gen_model = distributed.generation_module(model if accelerator is None else accelerator.unwrap_model(model))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from distillm2.data import prompt_token_ids
+from distillm2.data import end_of_turn_ids, prompt_token_ids
 from distillm2.errors import ConfigError
 from distillm2.faults import maybe_crash
 from distillm2.files import append_jsonl
@@ -41,10 +41,11 @@ def sampling_kwargs(greedy: bool, temperature: float, top_p: float) -> dict:
 
 
 def eos_ids(model, tokenizer) -> list[int]:
-    """Token ids that end a response: the tokenizer's end token and the model's."""
+    """Token ids that end a response: the chat template's end of turn, the tokenizer's end token
+    and the model's."""
     ids = []
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (tokenizer.eos_token_id, gen_eos):
+    for value in (end_of_turn_ids(tokenizer), tokenizer.eos_token_id, gen_eos):
         for v in value if isinstance(value, (list, tuple)) else [value]:
             if v is not None and v not in ids:
                 ids.append(int(v))

@@ -45,11 +45,15 @@ def start_engine(model_path: str | Path, *, dtype: str = "bfloat16", seed: int =
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kvcache_gib))
     vllm = _import_vllm()
+    on_cpu = not torch.cuda.is_available()
     if enforce_eager is None:
-        enforce_eager = not torch.cuda.is_available()
+        enforce_eager = on_cpu
+    # On the CPU build, a seeded request whose prefill is split over two steps kills the engine
+    # ("CPU Generator does not use offset", vLLM 0.32): prefills are never split there.
+    extra = {"enable_chunked_prefill": False} if on_cpu else {}
     return vllm.LLM(model=str(model_path), dtype=dtype, seed=seed, max_model_len=max_model_len,
                     gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
-                    enforce_eager=enforce_eager, generation_config="vllm")
+                    enforce_eager=enforce_eager, generation_config="vllm", **extra)
 
 
 def stop_engine(llm) -> None:

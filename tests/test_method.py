@@ -1,0 +1,182 @@
+"""DistiLLM-2 as released and as published: beta schedules, per-round seeds, ground-truth SFT,
+the template's end of turn, sampling from the model's own distribution, fresh LoRA adapters per
+round, the non-finite guard, the negative-gap rule, a stale final/ rebuilt, and the remaining
+baselines (ImitKD, Speculative KD, DPKD, the released DistiLLM v1 path)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_config
+from safetensors.torch import load_file
+from tiny import make_model, make_tokenizer
+
+from distillm2 import losses as L
+from distillm2 import models
+from distillm2.config import RunConfig, load_config
+from distillm2.data import encode, end_of_turn_ids
+from distillm2.generation.hf import sampling_kwargs
+from distillm2.pipeline import run
+
+
+def _cfg(tiny, out, **kw):
+    return load_config(RunConfig, base=tiny_config(tiny, out, **kw))
+
+
+def _rows(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_beta_schedules():
+    kw = dict(beta0=0.5, beta_max=0.75, ramp=0.5)
+    # the released gradual_beta restarts every round
+    assert L.beta_schedule(0.9, "linear_per_round", round_progress=0.0, **kw) == 0.5
+    assert math.isclose(L.beta_schedule(0.1, "linear_per_round", round_progress=0.25, **kw), 0.625)
+    assert L.beta_schedule(0.1, "linear_per_round", round_progress=0.9, **kw) == 0.75
+    # linear_run (and its old name) ramps once over the run
+    assert L.beta_schedule(0.25, "linear_run", round_progress=0.9, **kw) == L.beta_schedule(0.25, "linear", **kw)
+    assert math.isclose(L.beta_schedule(0.25, "linear_run", **kw), 0.625)
+    # paper: clip(e/E + tau/T, beta0, 1)
+    assert L.beta_schedule(0.0, "paper", round_progress=0.1, round_index=1, rounds=3, **kw) == 0.5
+    assert math.isclose(L.beta_schedule(0.5, "paper", round_progress=0.3, round_index=2, rounds=3, **kw), 1 / 3 + 0.3)
+    assert L.beta_schedule(1.0, "paper", round_progress=1.0, round_index=3, rounds=3, **kw) == 1.0
+    assert L.beta_schedule(0.3, "constant", round_progress=0.7, **kw) == 0.5
+
+
+def test_negative_gap_rule():
+    gap = torch.tensor([0.4, 0.2, -0.3, 0.0])
+    assert L.adaptive_alpha(gap, 0.2).tolist()[2:] == pytest.approx([0.01, 0.01])
+    assert L.adaptive_alpha(gap, 0.2, negative_gap="alpha_max").tolist()[2:] == pytest.approx([0.1, 0.1])
+    # and the released formula gives alpha_max there too: clip(1 - anchor / gap, min, max)
+    released = torch.clip(1 - 0.9 * 0.2 / (gap[2] + 1e-5), min=1e-2, max=0.1)
+    assert float(released) == pytest.approx(0.1)
+
+
+def test_released_distillm_and_dpkd_match_their_definitions():
+    torch.manual_seed(0)
+    sc, tc, sr, tr = (torch.randn(2, 5, 17) for _ in range(4))
+    m = torch.ones(2, 5, dtype=torch.bool)
+    yc, yr = torch.randint(0, 17, (2, 5)), torch.randint(0, 17, (2, 5))
+    kw = dict(student_chosen=sc, teacher_chosen=tc, mask_chosen=m, labels_chosen=yc, student_rejected=sr,
+              teacher_rejected=tr, mask_rejected=m, labels_rejected=yr)
+    released = L.distillation_loss("distillm", **kw)
+    expected = (L.sequence_mean(L.skew_reverse_kl(sc, tc, m, alpha=0.1), m)
+                + L.sequence_mean(L.skew_reverse_kl(sr, tr, m, alpha=0.1), m))
+    torch.testing.assert_close(released.per_pair, expected)  # summed, detached mixture
+    dpkd = L.distillation_loss("dpkd", dpo_beta=0.1, **kw)
+
+    def mean_logp(logits, y):
+        return torch.log_softmax(logits, -1).gather(-1, y[..., None])[..., 0].mean(-1)
+
+    ratio = (mean_logp(sc, yc) - mean_logp(tc, yc)) - (mean_logp(sr, yr) - mean_logp(tr, yr))
+    torch.testing.assert_close(dpkd.per_pair, -torch.nn.functional.logsigmoid(0.1 * ratio))
+
+
+def test_end_of_turn_from_the_template_and_eos_may_differ(tmp_path):
+    tok = make_tokenizer(tmp_path / "tok", extra_token="<|end|>")
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    end = tok.convert_tokens_to_ids("<|end|>")
+    assert end != tok.eos_token_id and end_of_turn_ids(tok) == [end, tok.eos_token_id]
+    row = encode(tok, [{"role": "user", "content": "hi"}], "paris", True, 64, 64)
+    assert row.response_ids[-1] == end  # a finished response ends with the turn's end token
+    other = make_tokenizer(tmp_path / "tok2", extra_token="<|end|>")
+    other.eos_token = "<unk>"  # same vocabulary, another eos (an instruct teacher, a base student)
+    assert models.check_tokenizers(tok, other) == len(tok)
+
+
+def test_sampling_ignores_generation_config_extras(tiny):
+    model = models.load_model(str(tiny / "teacher"))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    plain = model.generate(ids, max_new_tokens=40, pad_token_id=0, **sampling_kwargs(True, 0.0, 1.0))
+    model.generation_config.repetition_penalty = 50.0
+    model.generation_config.no_repeat_ngram_size = 1
+    again = model.generate(ids, max_new_tokens=40, pad_token_id=0, **sampling_kwargs(True, 0.0, 1.0))
+    penalised = model.generate(ids, max_new_tokens=40, pad_token_id=0, do_sample=False)
+    assert torch.equal(plain, again) and not torch.equal(plain, penalised)
+
+
+def test_rounds_sample_with_their_own_seeds(tiny, tmp_path):
+    out = run(_cfg(tiny, tmp_path / "run", **{"train.lr": 0.0, "generation.teacher_per_round": True}))
+    # the student did not change (lr 0), yet round 2 samples afresh -- and so does the teacher
+    assert _rows(out / "round-1" / "student.jsonl") != _rows(out / "round-2" / "student.jsonl")
+    assert _rows(out / "round-1" / "teacher.jsonl") != _rows(out / "round-2" / "teacher.jsonl")
+
+
+def test_sft_on_ground_truth_when_the_data_has_it(tiny, tmp_path):
+    path = tmp_path / "chat.jsonl"
+    with open(path, "w") as fh:
+        for i in range(6):
+            fh.write(json.dumps({"messages": [{"role": "user", "content": f"list three fruits {i}"},
+                                              {"role": "assistant", "content": f"apples bananas {i}"}]}) + "\n")
+    out = run(_cfg(tiny, tmp_path / "gt", rounds=1, sft_epochs=1.0, **{"data.prompts": str(path)}))
+    assert json.loads((out / "sft" / "sft_source.json").read_text())["responses"] == "ground_truth"
+    seq = run(_cfg(tiny, tmp_path / "seq", rounds=1, sft_epochs=1.0))  # prompts without answers
+    assert json.loads((seq / "sft" / "sft_source.json").read_text())["responses"] == "teacher"
+    with pytest.raises(Exception, match="carry no response"):
+        run(_cfg(tiny, tmp_path / "bad", rounds=1, sft_epochs=1.0, **{"data.sft_on": "ground_truth"}))
+
+
+def test_fresh_lora_adapter_per_round_on_the_merged_model(tiny, tmp_path):
+    out = run(_cfg(tiny, tmp_path / "lora", rounds=2, **{"models.lora": True, "models.lora_r": 4,
+                                                         "models.lora_alpha": 8}))
+    from peft import PeftModel
+
+    base = models.load_model(str(out / "student-init"))
+    for k in (1, 2):  # merge round 1's adapter, then round 2's: that is final/
+        base = PeftModel.from_pretrained(base, str(out / f"round-{k}" / "model")).merge_and_unload()
+    final = load_file(str(out / "final" / "model.safetensors"))
+    for key, value in base.state_dict().items():
+        torch.testing.assert_close(final[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    carried = run(_cfg(tiny, tmp_path / "carry", rounds=2, **{"models.lora": True, "models.lora_r": 4,
+                                                              "models.lora_alpha": 8, "models.lora_rounds": "carry"}))
+    assert (carried / "final" / "model.safetensors").exists()
+
+
+def test_continuing_a_finished_run_rebuilds_final(tiny, tmp_path):
+    out = run(_cfg(tiny, tmp_path / "run", rounds=1))
+    first = load_file(str(out / "final" / "model.safetensors"))
+    run(_cfg(tiny, tmp_path / "run", rounds=2))
+    second = load_file(str(out / "final" / "model.safetensors"))
+    round2 = load_file(str(out / "round-2" / "model" / "model.safetensors"))
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    assert all(torch.equal(second[k], round2[k]) for k in round2)
+
+
+def _cli_run(cfg_dict, path, **env):
+    path.write_text(yaml.safe_dump(cfg_dict))
+    return subprocess.run([sys.executable, "-m", "distillm2", "run", str(path)], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1", **env))
+
+
+def test_a_nonfinite_step_is_skipped_and_too_many_stop_the_stage(tiny, tmp_path):
+    cfg = tiny_config(tiny, tmp_path / "once", rounds=1, **{"train.grad_accum": 1, "train.checkpoint_every": 1})
+    done = _cli_run(cfg, tmp_path / "once.yaml", DISTILLM2_NAN="round-1/train:2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = _rows(tmp_path / "once" / "round-1" / "metrics.jsonl")
+    assert [m["skipped"] for m in metrics] == [0, 1, 0, 0, 0, 0] and metrics[-1]["skipped_total"] == 1
+    assert "step 2 skipped" in done.stderr
+    final = load_file(str(tmp_path / "once" / "final" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in final.values())
+
+    cfg = tiny_config(tiny, tmp_path / "many", rounds=1, **{"train.grad_accum": 1, "train.max_nonfinite_steps": 1})
+    failed = _cli_run(cfg, tmp_path / "many.yaml", DISTILLM2_NAN="round-1/train:2,3")
+    assert failed.returncode == 2
+    assert "step 3: 2 non-finite steps in a row" in failed.stderr and "pairs with a non-finite loss" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert not (tmp_path / "many" / "round-1" / "model").exists() and not (tmp_path / "many" / "final").exists()
+
+
+def test_speculative_kd_interleaves_student_and_teacher(tiny, tmp_path):
+    out = run(_cfg(tiny, tmp_path / "skd", rounds=1, **{"loss.name": "skd", "loss.skd_top_k": 1}))
+    rows = _rows(out / "round-1" / "student.jsonl")
+    assert len(rows) == 12 and sum(r["replaced"] for r in rows) > 0  # a random student misses the teacher's top 1
+    vocab = len(models.load_tokenizer(str(tiny / "tok")))
+    everything = run(_cfg(tiny, tmp_path / "all", rounds=1, **{"loss.name": "skd", "loss.skd_top_k": vocab}))
+    assert sum(r["replaced"] for r in _rows(everything / "round-1" / "student.jsonl")) == 0
+    assert (out / "round-1" / "model").exists()
