@@ -46,7 +46,7 @@ def test_eval_command_all_tasks_on_tiny_models(tiny, tmp_path):
     gsm.write_text(json.dumps({"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}) + "\n")
     out = tmp_path / "eval.json"
     code = cli.main(["eval", "--model", str(tiny / "student"), "--teacher", str(tiny / "teacher"),
-                     "--tasks", "rouge,kl,judge,gsm8k,speculative", "--prompts", str(tiny / "prompts.jsonl"),
+                     "--tasks", "rouge,kl,judge,self,gsm8k,speculative", "--prompts", str(tiny / "prompts.jsonl"),
                      "--gsm8k-data", str(gsm), "--limit", "3", "--output", str(out), "--max-new-tokens", "6",
                      "--judge", str(tiny / "teacher")])
     assert code == 0
@@ -55,8 +55,16 @@ def test_eval_command_all_tasks_on_tiny_models(tiny, tmp_path):
     assert report["model"] == str(tiny / "student")
     assert {"rouge_l", "n"} <= set(tasks["rouge"]) and tasks["rouge"]["n"] == 3
     assert tasks["kl"]["forward_kl"] > 0 and tasks["kl"]["nll"] > 0
-    # a random tiny judge never writes a verdict: everything is reported unparsed, nothing guessed
-    assert tasks["judge"]["unparsed"] == 6 and tasks["judge"]["win_rate"] != tasks["judge"]["win_rate"]
+    # a random tiny judge never writes a verdict: everything is reported unparsed, nothing guessed;
+    # over all comparisons that is no win, over parsed ones undefined
+    judge = tasks["judge"]
+    assert judge["unparsed"] == 6 and judge["win_rate"] == 0.0 and judge["win_rate_parsed"] != judge["win_rate_parsed"]
+    own = tasks["self"]
+    assert own["teacher_nll_own_outputs"] > 0 and 0 <= own["distinct_2"] <= 1 and 0 <= own["repeated_4gram_share"] <= 1
+    inputs = report["inputs"]
+    assert inputs["model_identity"]["fingerprint"] != inputs["teacher_identity"]["fingerprint"]
+    assert inputs["n_prompts"] == 3 and inputs["limit"] == 3 and inputs["decoding"]["max_new_tokens"] == 6
+    assert inputs["dtype"] == "float32" and inputs["versions"]["distillm2"] and inputs["date"]
     assert tasks["gsm8k"]["n"] == 1 and tasks["gsm8k"]["accuracy"] in (0.0, 1.0)
     spec = tasks["speculative"]
     assert spec["identical_outputs"] == spec["n"] == 3

@@ -91,8 +91,10 @@ def test_pairwise_win_rate_both_orders_and_cache(tmp_path):
     replies = iter(["[[C]]", "garbage", "[[B]]", "[[A]]"])
     mixed = CachedJudge("mixed", lambda m: next(replies), None)
     r = pairwise_win_rate(mixed, ["q1", "q2"], ["a1", "a2"], ["r1", "r2"])
-    # model first: tie + unparsed -> 0.5 over 1 parsed; reference first: B (model wins), A (model loses) -> 0.5
-    assert r["win_rate"] == 0.5 and r["unparsed"] == 1 and math.isclose(r["ties"], 1 / 3)
+    # model first: tie + unparsed; reference first: B (model wins), A (model loses). Over all four
+    # comparisons (the paper): (1 + 0.5) / 4; over the three parsed ones: 1.5 / 3
+    assert r["win_rate"] == 0.375 and r["win_rate_parsed"] == 0.5
+    assert r["unparsed"] == 1 and math.isclose(r["ties"], 1 / 3)
 
 
 @pytest.mark.parametrize("text, value", [
@@ -117,7 +119,8 @@ def test_gsm8k_reference():
 def test_extract_code():
     prompt = "import math\n\ndef area(r):\n    \"\"\"Area of a circle.\"\"\"\n"
     fenced = "Here:\n```python\ndef area(r):\n    return math.pi * r * r\n```\nDone."
-    assert extract_code(fenced, prompt, "area").strip().startswith("import math\ndef area(r):")
+    # a whole function follows the whole prompt (its imports and helpers kept) and replaces its stub
+    assert extract_code(fenced, prompt, "area") == prompt + "\ndef area(r):\n    return math.pi * r * r\n"
     body = "    return math.pi * r * r\n"
     assert extract_code(body, prompt, "area") == prompt + body
 

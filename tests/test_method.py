@@ -14,7 +14,7 @@ import torch
 import yaml
 from conftest import tiny_config
 from safetensors.torch import load_file
-from tiny import make_model, make_tokenizer
+from tiny import make_tokenizer
 
 from distillm2 import losses as L
 from distillm2 import models

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
 import typing
 from importlib import resources
@@ -16,6 +17,7 @@ import yaml
 from distillm2 import check, comparison, config, evaluation, generation, pipeline
 from distillm2._version import __version__
 from distillm2.errors import UserError
+from distillm2.progress import set_verbosity
 
 EPILOGS = {
     "demo": """examples:
@@ -117,6 +119,11 @@ def _parser() -> argparse.ArgumentParser:
                            help=f"optional YAML config (see `distillm2 config show {command}`)")
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config key, e.g. --set train.lr=1e-4 (repeatable; the value is YAML)")
+        s.add_argument("-v", "--verbose", action="count", default=0, help="debug messages, tracebacks on errors")
+        s.add_argument("-q", "--quiet", action="count", default=0, help="warnings and errors only")
+        if command in ("run", "demo", "train", "compare"):
+            s.add_argument("--force", action="store_true",
+                           help="continue a run directory whose saved config differs in what changes results")
         _add_flags(s, command)
         if command == "check":
             s.add_argument("--processes", type=int, default=1, help="processes the run will be launched with")
@@ -161,10 +168,21 @@ def build_config(command: str, args) -> object:
 def main(argv=None) -> int:
     """Entry point of the ``distillm2`` command; returns the exit status."""
     args = _parser().parse_args(argv)
+    verbose = getattr(args, "verbose", 0)
+    set_verbosity(verbose, getattr(args, "quiet", 0))
     try:
         return _dispatch(args)
-    except (UserError, FileNotFoundError) as err:
-        print(f"distillm2 {args.command}: error: {err}", file=sys.stderr)
+    except (UserError, FileNotFoundError, OSError) as err:
+        if isinstance(err, OSError) and not isinstance(err, (UserError, FileNotFoundError)) \
+                and err.errno not in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
+            raise  # not an input problem: a bug or the system; the traceback says where
+        if verbose:
+            raise
+        message = str(err)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            message = f"no space left on the device while writing {err.filename or 'a file'}; free space and " \
+                      "rerun the same command: it continues where it stopped"
+        print(f"distillm2 {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 
@@ -174,15 +192,15 @@ def _dispatch(args) -> int:
         return 0
     cfg = build_config(args.command, args)
     if args.command in ("demo", "run"):
-        pipeline.run(cfg)
+        pipeline.run(cfg, force=args.force)
     elif args.command == "train":
-        print(f"trained student in {pipeline.train(cfg)}")
+        print(f"trained student in {pipeline.train(cfg, force=args.force)}")
     elif args.command == "generate":
         generation.generate(cfg)
     elif args.command == "eval":
         evaluation.evaluate(cfg)
     elif args.command == "compare":
-        comparison.compare(cfg)
+        comparison.compare(cfg, force=args.force)
     elif args.command == "check":
         check.check(cfg, args.processes, args.engine, args.device_memory)
     return 0

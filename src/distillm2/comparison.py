@@ -62,7 +62,7 @@ def _seed(method_dir: Path, shared: Path) -> None:
             shutil.copytree(shared / "final", tmp, dirs_exist_ok=True)
 
 
-def compare(cfg: CompareConfig) -> dict:
+def compare(cfg: CompareConfig, force: bool = False) -> dict:
     """Train every method and variant of ``cfg`` from one initial student on one budget,
     evaluate all of them with the teacher and the initial student, write ``results.json``,
     ``results.md``, ``metrics.png`` and ``curves.png``; returns the report."""
@@ -71,12 +71,12 @@ def compare(cfg: CompareConfig) -> dict:
     shared_cfg = RunConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(RunConfig)})
     shared_cfg = dataclasses.replace(shared_cfg, output_dir=str(out / "shared"), rounds=0,
                                      eval=dataclasses.replace(cfg.eval, prompts=None))
-    shared = Run(shared_cfg)
+    shared = Run(shared_cfg, force=force)
     shared.execute()  # prompts, teacher responses, initial student (+ SFT warm-up) -> shared/final
     for name, method_cfg in methods.items():
         _seed(Path(method_cfg.output_dir), out / "shared")
         logger.info("compare: method %s", name)
-        Run(method_cfg, teacher=shared.teacher).execute()
+        Run(method_cfg, teacher=shared.teacher, force=force).execute()
 
     candidates = {"teacher": None, "initial": out / "shared" / "final"}
     candidates.update({name: Path(c.output_dir) / "final" for name, c in methods.items()})

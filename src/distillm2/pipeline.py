@@ -12,11 +12,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import yaml
+
 from distillm2 import distributed, models
 from distillm2.checkpoint import remove_checkpoint
 from distillm2.config import LossConfig, RunConfig, TrainStageConfig, to_yaml
 from distillm2.data import load_pairs, load_prompts, make_pairs
-from distillm2.errors import DataError
+from distillm2.errors import ConfigError, DataError
 from distillm2.evaluation.held_out import evaluate_models
 from distillm2.evaluation.report import write_held_out
 from distillm2.files import (
@@ -31,68 +33,102 @@ from distillm2.losses import LOSSES
 from distillm2.progress import logger, setup_logging
 from distillm2.train import Schedule, Trainer, num_steps
 
+# Keys that do not change what a run computes: a run directory may continue under new values.
+NOT_RESULT_KEYS = ("output_dir", "eval.", "train.log_every", "train.checkpoint_every", "train.report_to",
+                   "train.run_name", "train.project", "generation.server_concurrency", "generation.server_timeout",
+                   "generation.server_url", "generation.student_server_url", "hub.", "version")
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_saved_config(run_dir: Path, cfg, force: bool) -> None:
+    """Refuse a run directory whose saved config differs from ``cfg`` in anything that changes
+    results (its finished stages would be silently reused), unless ``force``."""
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.exists():
+        return
+    old, new = _flat(yaml.safe_load(saved.read_text()) or {}), _flat(yaml.safe_load(to_yaml(cfg)))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
+                     and not any(k == p or (p.endswith(".") and k.startswith(p)) for p in NOT_RESULT_KEYS))
+    if "rounds" in changed and isinstance(old.get("rounds"), int) and new["rounds"] > old["rounds"]:
+        changed.remove("rounds")  # more rounds continue a run; the finished ones stay as they are
+    if not changed:
+        return
+    detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+    if not force:
+        raise ConfigError(f"{saved} differs from this config in {detail}; the finished stages there were made with "
+                          "the old values. Use a new output_dir, or --force to continue with the new config")
+    logger.warning("%s differs in %s; continuing with the new config (--force)", saved, detail)
+
 
 class Run:
     """A run directory and the objects its stages share: the accelerator, the prompts, the
     tokenizer, the placed teacher and the vocabulary width to distil over. ``teacher`` may be
     handed in by a caller that already holds it (``compare``), so it is loaded once."""
 
-    def __init__(self, cfg: RunConfig, prompts: list[dict] | None = None, teacher=None):
+    def __init__(self, cfg: RunConfig, prompts: list[dict] | None = None, teacher=None, force: bool = False):
         setup_logging()
         self.cfg = cfg
         self.dir = Path(cfg.output_dir)
         self.acc = distributed.make_accelerator(cfg.train.mixed_precision)
         self.main = self.acc.is_main_process
-        if self.main:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            saved = self.dir / "config.yaml"
-            if saved.exists() and saved.read_text() != to_yaml(cfg):
-                logger.warning("%s differs from this run's config; continuing with the new one", saved)
-            write_text_atomic(saved, to_yaml(cfg))
-        self.acc.wait_for_everyone()
-        self.prompts = self._prompts(prompts)
+        check_saved_config(self.dir, cfg, force)
+        # Every input is loaded and checked before anything is written into the run directory.
         mc = cfg.models
         self.tokenizer = models.load_tokenizer(mc.student or mc.teacher)
         teacher_tok = models.load_tokenizer(mc.teacher)
+        prompts_path, init_dir = self.dir / "prompts.jsonl", self.dir / "student-init"
+        new_prompts = new_student = None
         with distributed.replicated_loading(self.acc):
             if teacher is None:
                 teacher = models.load_model(mc.teacher, mc.teacher_dtype, attn_implementation=mc.attn_implementation)
-            self._make_student_init()
-            init_model = models.load_model(str(self.dir / "student-init"), "float32")
-        # Checked before any work: a mismatch is an error here, not a silent garbage loss later.
-        self.vocab = models.check_tokenizers(teacher_tok, self.tokenizer,
-                                             distributed.generation_module(teacher), init_model)
+            if self.main and not prompts_path.exists():
+                new_prompts = prompts if prompts is not None else load_prompts(
+                    cfg.data.prompts, cfg.data.field, cfg.data.max_prompts, cfg.data.response_field)
+                if not new_prompts:
+                    raise DataError(f"{cfg.data.prompts}: no prompts")
+            if self.main and not (init_dir / "config.json").exists():
+                new_student = self._initial_student()
+        teacher_module = distributed.generation_module(teacher)
+        if new_student is not None:
+            # Checked before any work: a mismatch is an error here, not a silent garbage loss later.
+            models.check_tokenizers(teacher_tok, self.tokenizer, teacher_module, new_student)
+        if self.main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.dir / "config.yaml", to_yaml(cfg))
+            if new_prompts is not None:
+                write_jsonl(prompts_path, new_prompts)
+            if new_student is not None:
+                with atomic_dir(init_dir) as tmp:
+                    new_student.save_pretrained(tmp)
+                    self.tokenizer.save_pretrained(tmp)
+        del new_student
+        self.acc.wait_for_everyone()
+        self.prompts = read_jsonl(prompts_path)
+        with distributed.replicated_loading(self.acc):
+            init_model = models.load_model(str(init_dir), "float32")
+        self.vocab = models.check_tokenizers(teacher_tok, self.tokenizer, teacher_module, init_model)
         del init_model
         self.teacher = distributed.place_teacher(self.acc, teacher, models.DTYPES[mc.teacher_dtype])
 
-    def _prompts(self, given=None) -> list[dict]:
-        path = self.dir / "prompts.jsonl"
-        if not path.exists() and self.main:
-            found = given if given is not None else load_prompts(
-                self.cfg.data.prompts, self.cfg.data.field, self.cfg.data.max_prompts, self.cfg.data.response_field)
-            write_jsonl(path, found)
-        self.acc.wait_for_everyone()
-        return read_jsonl(path)
-
-    def _make_student_init(self) -> None:
-        """RUN/student-init: the student before any training (loaded, or derived from the
-        teacher), saved so that every later stage and a resumed run start from the same weights."""
-        target = self.dir / "student-init"
+    def _initial_student(self):
+        """The student before any training: loaded, or derived from the teacher's layers."""
         mc = self.cfg.models
-        if not (target / "config.json").exists() and self.main:
-            if mc.student:
-                student = models.load_model(mc.student, "float32", attn_implementation=mc.attn_implementation)
-            else:
-                full = models.load_model(mc.teacher, "float32")
-                n = mc.student_num_layers
-                if mc.student_layers is None and n is None:
-                    n = max(1, full.config.num_hidden_layers // 2)  # the documented default: half
-                student = models.derive_student(full, layers=mc.student_layers, num_layers=n)
-                del full
-            with atomic_dir(target) as tmp:
-                student.save_pretrained(tmp)
-                self.tokenizer.save_pretrained(tmp)
-        self.acc.wait_for_everyone()
+        if mc.student:
+            return models.load_model(mc.student, "float32", attn_implementation=mc.attn_implementation)
+        full = models.load_model(mc.teacher, "float32")
+        n = mc.student_num_layers
+        if mc.student_layers is None and n is None:
+            n = max(1, full.config.num_hidden_layers // 2)  # the documented default: half
+        return models.derive_student(full, layers=mc.student_layers, num_layers=n)
 
     def load_student(self, stage_model: Path | None):
         """The student after ``stage_model`` (a finished stage's ``model/``), or the initial one."""
@@ -272,13 +308,13 @@ class Run:
         return report
 
 
-def run(cfg: RunConfig) -> Path:
+def run(cfg: RunConfig, force: bool = False) -> Path:
     """Run (or continue) the whole pipeline, evaluating at the end when ``cfg.eval.prompts`` is
-    set; returns the run directory."""
-    return Run(cfg).execute()
+    set; returns the run directory. ``force``: continue a directory whose saved config differs."""
+    return Run(cfg, force=force).execute()
 
 
-def train(cfg: TrainStageConfig) -> Path:
+def train(cfg: TrainStageConfig, force: bool = False) -> Path:
     """``distillm2 train``: one stage of ``cfg.loss`` on the pairs file ``cfg.pairs``; the student
     lands in ``OUTPUT/final`` (returned). Resumable like a run."""
     if not cfg.pairs:
@@ -286,7 +322,7 @@ def train(cfg: TrainStageConfig) -> Path:
     pairs = load_pairs(cfg.pairs)
     run_cfg = RunConfig(output_dir=cfg.output_dir, rounds=1, models=cfg.models, data=cfg.data,
                         train=cfg.train, loss=cfg.loss)
-    r = Run(run_cfg, prompts=[{"id": p["id"], "messages": p["prompt"]} for p in pairs])
+    r = Run(run_cfg, prompts=[{"id": p["id"], "messages": p["prompt"]} for p in pairs], force=force)
     stage = r.dir / "train"
     student = None
     if not (stage / "model").exists():

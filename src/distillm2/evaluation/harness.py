@@ -13,6 +13,7 @@ points at local files (``dataset_path: json`` with ``dataset_kwargs: {data_files
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -32,10 +33,17 @@ CODE_TASKS = ("humaneval", "mbpp")  # lm-eval tasks that execute model-written c
 def _import():
     try:
         import lm_eval
-        from lm_eval.tasks import TaskManager
     except ImportError:
         raise MissingExtra("the lm_eval:<task> tasks", "eval") from None
-    return lm_eval, TaskManager
+    return lm_eval
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_path: str | None):
+    """lm-eval's task index (building it reads every task YAML: seconds), once per folder."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path) if include_path else TaskManager()
 
 
 def task_names(names: list[str]) -> list[str]:
@@ -50,8 +58,8 @@ def check_tasks(cfg: EvaluateConfig) -> None:
         return
     if "" in names:
         raise DataError("lm_eval: give a task name, e.g. lm_eval:gsm8k")
-    _, TaskManager = _import()
-    manager = TaskManager(include_path=cfg.lm_eval.include_path) if cfg.lm_eval.include_path else TaskManager()
+    _import()
+    manager = _task_manager(cfg.lm_eval.include_path)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         raise DataError(f"lm-eval does not know task(s) {', '.join(unknown)} (see `lm_eval ls tasks`; local task "
@@ -87,10 +95,10 @@ def _fold(out: dict, task: str) -> dict:
 def run_lm_eval(ctx, names: list[str]) -> dict[str, dict]:
     """Run the ``lm_eval:<task>`` entries of ``names`` on the context's model in one call and
     return ``{"lm_eval:<task>": metrics}``."""
-    lm_eval, TaskManager = _import()
+    lm_eval = _import()
     cfg, lc = ctx.cfg, ctx.cfg.lm_eval
     tasks = task_names(names)
-    manager = TaskManager(include_path=lc.include_path) if lc.include_path else TaskManager()
+    manager = _task_manager(lc.include_path)
     backend = _backend(lc.backend)
     identity = ctx.identity("model")
     key = cache_key(model=identity["fingerprint"], backend=backend, dtype=cfg.dtype, device=ctx.device.type,

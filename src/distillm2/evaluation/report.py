@@ -7,7 +7,8 @@ from pathlib import Path
 from distillm2.files import write_json_atomic, write_text_atomic
 
 BETTER = {"rouge_l": "(higher better)", "kl_teacher_responses": "(lower better)",
-          "nll_teacher_responses": "(lower better)"}
+          "nll_teacher_responses": "(lower better)", "teacher_nll_own_outputs": "(lower better)",
+          "distinct_2": "(higher better)", "repeated_4gram_share": "(lower better)"}
 
 
 def format_table(models: dict[str, dict], better: dict[str, str] | None = None) -> str:

@@ -1,0 +1,193 @@
+"""Time and peak extra memory of the skew KL from hidden states: today's path vs the fused one.
+
+today: the logits of both models are materialised (``h @ W.T``, the student's inside autograd,
+the teacher's under no_grad), then :func:`distillm2.losses.skew_forward_kl` (the chunked loss,
+which holds the gradient of the full student logits) and ``.sum().backward()`` through the
+student's matmul to its hidden states and output weight.
+fused: :func:`distillm2.fused.fused_skew_forward_kl` on the hidden states and weights, the same
+``.sum().backward()``; no ``[N, V]`` tensor exists.
+
+Both run on the same inputs in one process, and their values and gradients are checked against
+each other. Peak extra memory = peak resident memory (VmHWM, reset through /proc/self/clear_refs)
+during forward + backward minus the resident memory just before (inputs allocated, gradients
+cleared); time = median of the repeats, memory = their maximum (as benchmarks/losses.py).
+
+    python benchmarks/fused.py                  # the paper's setting; docs/benchmarks/fused.json + .png
+    python benchmarks/fused.py --quick          # small sizes, a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from distillm2 import fused as F
+from distillm2.losses import skew_forward_kl
+
+ALPHA = 0.1
+
+
+def today(h_s, w_s, h_t, w_t):
+    """Materialised logits + the chunked loss: values [N]."""
+    n, vocab = h_s.shape[0], w_s.shape[0]
+    student = (h_s @ w_s.t()).view(1, n, vocab)
+    with torch.no_grad():
+        teacher = (h_t @ w_t.t()).view(1, n, vocab)
+    mask = torch.ones((1, n), dtype=torch.bool)
+    return skew_forward_kl(student, teacher, mask, alpha=ALPHA)[0]
+
+
+def fused(h_s, w_s, h_t, w_t):
+    """The fused path: values [N]."""
+    return F.fused_skew_forward_kl(h_s, w_s, h_t, w_t, alpha=ALPHA)
+
+
+IMPLS = {"today": today, "fused": fused}
+
+
+def _status_kib(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak():
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+
+
+def make_inputs(rows, vocab, hs, ht, dtype, seed=0):
+    """Hidden states and output weights scaled so that logits have a standard deviation of ~2."""
+    g = torch.Generator().manual_seed(seed)
+    h_s = torch.randn((rows, hs), generator=g).to(dtype).requires_grad_(True)
+    w_s = (torch.randn((vocab, hs), generator=g) * (2 / hs**0.5)).to(dtype).requires_grad_(True)
+    h_t = torch.randn((rows, ht), generator=g).to(dtype)
+    w_t = (torch.randn((vocab, ht), generator=g) * (2 / ht**0.5)).to(dtype)
+    return h_s, w_s, h_t, w_t
+
+
+def run_case(impl, inputs, repeats):
+    """Median time, largest peak extra memory (MiB), and the last run's values and gradients."""
+    h_s, w_s, h_t, w_t = inputs
+    times, peaks = [], []
+    for _ in range(repeats):
+        h_s.grad = w_s.grad = None
+        gc.collect()
+        before = _status_kib("VmRSS") / 1024
+        _reset_peak()
+        start = time.perf_counter()
+        values = IMPLS[impl](h_s, w_s, h_t, w_t)
+        values.sum().backward()
+        times.append(time.perf_counter() - start)
+        peaks.append(_status_kib("VmHWM") / 1024 - before)
+        print(f"  {impl}: {times[-1]:.1f} s, {peaks[-1]:.0f} MiB", flush=True)
+    result = {"time_s": statistics.median(times), "times_s": times, "peak_extra_mib": max(peaks)}
+    return result, (values.detach(), h_s.grad, w_s.grad)
+
+
+def compare(a, b):
+    """Largest difference of each output relative to the largest magnitude of today's."""
+    return {name: float((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-30))
+            for name, x, y in zip(("values", "grad_hidden", "grad_weight"), b, a)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    parser.add_argument("--rows", type=int, default=4096, help="response tokens N (default 4096)")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", default="docs/benchmarks/fused.json")
+    args = parser.parse_args(argv)
+
+    vocab, hs, ht = (8192, 256, 512) if args.quick else (151_936, 1536, 3584)
+    rows_n = 256 if args.quick else args.rows
+    rows = []
+    for name in args.dtypes.split(","):
+        dtype = getattr(torch, name)
+        inputs = make_inputs(rows_n, vocab, hs, ht, dtype)
+        print(f"[{rows_n} rows, V={vocab}, Hs={hs}, Ht={ht}, {name}]", flush=True)
+        row = {"rows": rows_n, "vocab": vocab, "hidden_student": hs, "hidden_teacher": ht,
+               "dtype": name, "load_before": os.getloadavg()}
+        outputs = {}
+        for impl in IMPLS:
+            row[impl], outputs[impl] = run_case(impl, inputs, args.repeats)
+            if impl == "today":  # keep today's outputs for the comparison, not its buffers
+                outputs[impl] = tuple(x.clone() for x in outputs[impl])
+        row["rel_diff"] = compare(outputs["today"], outputs["fused"])
+        row["memory_ratio"] = row["today"]["peak_extra_mib"] / max(row["fused"]["peak_extra_mib"], 1.0)
+        row["time_ratio"] = row["fused"]["time_s"] / row["today"]["time_s"]
+        row["load_after"] = os.getloadavg()
+        # today's outputs (float32) vs ours: float32 rounding; bf16 gradients: bf16 rounding
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        bad = {k: v for k, v in row["rel_diff"].items() if not v <= tol}
+        if bad:
+            raise SystemExit(f"fused and today's outputs differ beyond {tol}: {bad}")
+        rows.append(row)
+        del inputs, outputs
+        gc.collect()
+
+    print_table(rows)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "repeats": args.repeats, "chunk_elements": F.CHUNK_ELEMENTS,
+            "chunk_rows": F._default_chunk_rows(torch.device("cpu"), vocab),
+            "note": "load_before/after: 1, 5, 15-minute load averages (shared machine)"}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    tmp.replace(out)
+    plot(rows, out.with_suffix(".png"))
+    print(f"\nwrote {out} and {out.with_suffix('.png')}")
+    first = rows[0]
+    print(f"fused: memory_ratio={first['memory_ratio']:.2f} time_ratio={first['time_ratio']:.2f}")
+    return rows
+
+
+def print_table(rows):
+    """One line per dtype: times, peaks, ratios and the largest relative differences."""
+    print(f"\n{'rows':>5} {'dtype':>9} | {'today s':>8} {'fused s':>8} {'time x':>7} | "
+          f"{'today MiB':>9} {'fused MiB':>9} {'mem /':>6} | max rel diff (values, grad h, grad W)")
+    for r in rows:
+        d = r["rel_diff"]
+        print(f"{r['rows']:>5} {r['dtype']:>9} | {r['today']['time_s']:8.1f} {r['fused']['time_s']:8.1f} "
+              f"{r['time_ratio']:7.2f} | {r['today']['peak_extra_mib']:9.0f} "
+              f"{r['fused']['peak_extra_mib']:9.0f} {r['memory_ratio']:6.1f} | "
+              f"{d['values']:.1e}, {d['grad_hidden']:.1e}, {d['grad_weight']:.1e}", flush=True)
+
+
+def plot(rows, path):
+    """Bars of time and peak extra memory, today vs fused, per dtype."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"N={r['rows']}\n{r['dtype']}" for r in rows]
+    x = range(len(rows))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    for ax, key, title in ((axes[0], "time_s", "forward + backward time (s)"),
+                           (axes[1], "peak_extra_mib", "peak extra memory (MiB)")):
+        ax.bar([i - 0.2 for i in x], [r["today"][key] for r in rows], 0.4, label="logits + chunked loss")
+        ax.bar([i + 0.2 for i in x], [r["fused"][key] for r in rows], 0.4, label="fused from hidden states")
+        ax.set_xticks(list(x), labels)
+        ax.set_title(title)
+    axes[1].legend()
+    v, hs, ht = rows[0]["vocab"], rows[0]["hidden_student"], rows[0]["hidden_teacher"]
+    fig.suptitle(f"skew KL + backward, V={v}, Hs={hs}, Ht={ht} (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
