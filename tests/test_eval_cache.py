@@ -81,8 +81,11 @@ def accelerator():
 
     from distillm2.distributed import make_accelerator
 
+    # accelerate keeps one process-wide state: start from none and leave none behind, so that
+    # neither this test nor a later one depends on another's mixed precision
+    AcceleratorState._reset_state(reset_partial_state=True)
     yield make_accelerator()
-    AcceleratorState._reset_state(reset_partial_state=True)  # later tests set their own precision
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_held_out_evaluation_is_keyed_and_reports_own_outputs(tiny, tmp_path, accelerator):

@@ -95,3 +95,36 @@ def test_concurrent_requests(tmp_path):
         judge = CachedJudge("stub", openai_judge("j", stub.url, "k"), None)
         result = pairwise_win_rate(judge, [f"q{i}" for i in range(4)], ["a"] * 4, ["r"] * 4, concurrency=4)
     assert result["ties"] == 1.0 and result["win_rate"] == 0.5 and peak[0] > 1
+
+
+def test_a_refused_key_is_an_error_that_does_not_show_the_key():
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import pytest
+
+    from distillm2.evaluation.judge import JudgeError
+
+    class Refuse(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"error": {"message": f"Incorrect API key provided: {self.headers['Authorization']}"}})
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        complete = openai_judge("j", f"http://127.0.0.1:{server.server_address[1]}/v1", SECRET, retries=2)
+        with pytest.raises(JudgeError) as err:
+            complete([{"role": "user", "content": "q"}])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "AuthenticationError" in str(err.value) and SECRET not in str(err.value)

@@ -4,13 +4,24 @@ the run's held-out report carries the measures of each candidate's own outputs."
 
 import json
 
+import pytest
 from conftest import tiny_config
 
 from distillm2.config import RunConfig, load_config
 from distillm2.pipeline import run
 
 
-def test_run_model_directories_load_alone(tiny, tmp_path):
+@pytest.fixture()
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one process-wide state: start from none and leave none behind
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_run_model_directories_load_alone(tiny, tmp_path, fresh_accelerate_state):
     cfg = load_config(RunConfig, base=tiny_config(tiny, tmp_path / "run", rounds=1, sft_epochs=1.0,
                                                   **{"eval.prompts": str(tiny / "prompts.jsonl"),
                                                      "eval.max_prompts": 3, "eval.max_new_tokens": 4,

@@ -14,7 +14,7 @@ from importlib import resources
 
 import yaml
 
-from distillm2 import check, comparison, config, evaluation, generation, pipeline
+from distillm2 import check, comparison, config, evaluation, generation, hub, pipeline, plots
 from distillm2._version import __version__
 from distillm2.errors import UserError
 from distillm2.progress import set_verbosity
@@ -47,6 +47,10 @@ Re-running the same command continues an interrupted run.""",
     "check": """examples:
   distillm2 check configs/qwen2.5-7b-to-1.5b.yaml --processes 8
   distillm2 check my.yaml --processes 2 --engine zero3 --device-memory 40""",
+    "plot": """examples:
+  distillm2 plot runs/demo              # writes runs/demo/curves.png""",
+    "push": """examples:
+  distillm2 push runs/demo --model-id me/smollm2-distilled    # token: HF_TOKEN or `hf auth login`""",
     "config": """examples:
   distillm2 config show run
   distillm2 config show eval""",
@@ -60,6 +64,8 @@ HELP = {
     "eval": "evaluate a model: " + ", ".join(("rouge", "kl", "judge", "gsm8k", "humaneval", "speculative")),
     "compare": "train the baselines and DistiLLM-2 from one student on one budget, evaluate, plot",
     "config": "print every key of a command's config with its default and help",
+    "plot": "draw a run's training curves (loss terms, alpha, beta, lr, grad norm, tokens/s) into a PNG",
+    "push": "upload a run's final student with its model card to the Hugging Face Hub",
     "check": "resolve a run config's models, tokenizers and data; print batch, steps and a memory estimate",
 }
 
@@ -131,6 +137,18 @@ def _parser() -> argparse.ArgumentParser:
                            help="how the processes share the models")
             s.add_argument("--device-memory", type=float, default=None, metavar="GIB",
                            help="memory per device (default: this machine's GPU, else 80)")
+    pl = sub.add_parser("plot", help=HELP["plot"], description=HELP["plot"], epilog=EPILOGS["plot"],
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pl.add_argument("run_dir", help="a run directory (or a stage directory's parent)")
+    pl.add_argument("--output", default=None, help="PNG path (default RUN/curves.png)")
+    pu = sub.add_parser("push", help=HELP["push"], description=HELP["push"], epilog=EPILOGS["push"],
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pu.add_argument("run_dir", help="a finished run directory (its final/ is uploaded)")
+    pu.add_argument("--model-id", required=True, help="the Hub repository, user/name")
+    pu.add_argument("--public", action="store_true", help="create the repository public (default private)")
+    for extra in (pl, pu):
+        extra.add_argument("-v", "--verbose", action="count", default=0, help="tracebacks on errors")
+        extra.add_argument("-q", "--quiet", action="count", default=0, help="warnings and errors only")
     c = sub.add_parser("config", help=HELP["config"], description=HELP["config"], epilog=EPILOGS["config"],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("action", choices=["show"])
@@ -189,6 +207,12 @@ def main(argv=None) -> int:
 def _dispatch(args) -> int:
     if args.command == "config":
         print(config.describe(config.COMMANDS[args.name]))
+        return 0
+    if args.command == "plot":
+        print(plots.plot_run(args.run_dir, args.output))
+        return 0
+    if args.command == "push":
+        print(hub.push(args.run_dir, args.model_id, private=not args.public))
         return 0
     cfg = build_config(args.command, args)
     if args.command in ("demo", "run"):

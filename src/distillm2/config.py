@@ -46,6 +46,9 @@ class ModelsConfig:
     dtype: str = opt("float32", "weights of the trained student", choices=DTYPE_NAMES)
     teacher_dtype: str = opt("bfloat16", "weights of the frozen teacher (bf16 halves its cost)", choices=DTYPE_NAMES)
     attn_implementation: str | None = opt(None, "attention kernel passed to transformers, e.g. sdpa, eager")
+    teacher_kwargs: dict = opt(help="extra from_pretrained arguments of the teacher: quantization_config, "
+                               "device_map, revision, trust_remote_code, ...", factory=dict)
+    student_kwargs: dict = opt(help="extra from_pretrained arguments of the student", factory=dict)
     lora: bool = opt(False, "train LoRA adapters instead of all weights")
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: int = opt(128, "LoRA alpha (the released recipe's 128)")
@@ -59,8 +62,15 @@ class ModelsConfig:
 class DataConfig:
     """``data:`` the prompts and length limits."""
 
-    prompts: str = opt("demo:train", "prompt file (.jsonl/.json/.parquet/.csv), demo:<split> or hf:<name>[:<split>]")
+    prompts: str = opt("demo:train", "prompt file (.jsonl/.json/.parquet/.csv), demo:<split> or hf:<dataset> "
+                       "(datasets.load_dataset: a hub set, or json/parquet/csv with data.data_files)")
     field: str | None = opt(None, "column holding a string or a chat messages list (guessed when unset)")
+    dataset_config: str | None = opt(None, "hf: the dataset's configuration name")
+    split: str = opt("train", "hf: the split (hf:<dataset>:<split> also works)")
+    revision: str | None = opt(None, "hf: a branch, tag or commit of the dataset")
+    data_files: list[str] | None = opt(None, "hf:json / hf:parquet / hf:csv: the files to read")
+    streaming: bool = opt(False, "hf: stream the set instead of downloading it whole (with data.max_prompts)")
+    columns: dict = opt(help="hf and files: rename columns first, e.g. {question: prompt}", factory=dict)
     max_prompts: int | None = opt(None, "use only the first n prompts")
     response_field: str | None = opt(None, "column with a ground-truth response (a messages list ending with the "
                                      "assistant's turn carries one too)")
@@ -121,6 +131,10 @@ class TrainConfig:
     log_every: int = opt(1, "optimiser steps between metrics lines")
     checkpoint_every: int = opt(50, "optimiser steps between checkpoints (and always at the end of a stage)")
     seed: int = opt(42, "seed of the data order, sampling and dropout")
+    report_to: list[str] = opt(help="experiment trackers (through accelerate); metrics.jsonl is always written",
+                               choices=("tensorboard", "trackio", "wandb", "mlflow"), factory=list)
+    project: str = opt("distillm2", "tracker project name")
+    run_name: str | None = opt(None, "tracker run name (default: the run directory's name)")
     max_nonfinite_steps: int = opt(
         3, "steps in a row whose loss or gradient norm is not finite (each skipped: no weight changes) before "
         "the stage stops with an error")
@@ -151,6 +165,15 @@ class LossConfig:
 
 
 @dataclass
+class HubConfig:
+    """``hub:`` publishing the final student."""
+
+    push: bool = opt(False, "push RUN/final (with its model card) to the Hub when the run finishes")
+    model_id: str | None = opt(None, "the Hub repository, e.g. user/my-student")
+    private: bool = opt(True, "create the repository private")
+
+
+@dataclass
 class RunEvalConfig:
     """``eval:`` the held-out evaluation a run ends with."""
 
@@ -173,6 +196,7 @@ class RunConfig:
     train: TrainConfig = opt(help="optimiser and loop", factory=TrainConfig)
     loss: LossConfig = opt(help="objective", factory=LossConfig)
     eval: RunEvalConfig = opt(help="held-out evaluation at the end", factory=RunEvalConfig)
+    hub: HubConfig = opt(help="publishing", factory=HubConfig)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,7 +127,8 @@ def _records_from_rows(rows, source: str, fld: str | None, response_field: str |
     return out
 
 
-def _read_table(path: Path) -> list[dict]:
+def read_table(path: Path) -> list[dict]:
+    """The rows of a .jsonl, .json (a list of objects), .parquet or .csv file."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return read_jsonl(path)
@@ -148,33 +150,57 @@ def _read_table(path: Path) -> list[dict]:
 
 
 def load_prompts(source: str, field: str | None = None, limit: int | None = None,
-                 response_field: str | None = None) -> list[dict]:
+                 response_field: str | None = None, columns: dict | None = None, hf: dict | None = None) -> list[dict]:
     """Prompt records ``{"id", "messages"[, "response"]}`` from ``source``:
 
     - a ``.jsonl``, ``.json`` (a list of objects), ``.parquet`` or ``.csv`` file, with ``field``
       naming the column (a string or a chat ``messages`` list; guessed when None);
     - ``demo:train`` / ``demo:heldout`` / ``demo:all``: the bundled demo set;
-    - ``hf:<dataset>[:<split>]``: a Hugging Face dataset (needs the hub, or its local cache).
-    Duplicate prompts are kept once. ``limit`` keeps the first n. A ground-truth ``response`` is
+    - ``hf:<dataset>[:<split>]``: ``datasets.load_dataset`` (``hf`` holds config, split,
+      revision, data_files, streaming; see :func:`load_hf_rows`).
+    ``columns`` renames columns first. Duplicate prompts are kept once. ``limit`` keeps the first n. A ground-truth ``response`` is
     kept from ``response_field`` or from a messages list that ends with the assistant's turn.
     """
     if source.startswith("demo"):
         split = source.split(":", 1)[1] if ":" in source else "train"
         found = [{"id": r["id"], "messages": r["messages"]} for r in demo_prompts(split)]
     elif source.startswith("hf:"):
-        try:
-            import datasets
-        except ImportError:
-            raise MissingExtra("hf: prompt sources", "eval") from None
-        name, _, split = source[3:].partition(":")
-        found = _records_from_rows(list(datasets.load_dataset(name, split=split or "train")), source, field,
-                                   response_field)
+        found = _records_from_rows(_rename(load_hf_rows(source, limit=limit, **(hf or {})), columns), source,
+                                   field, response_field)
     else:
         path = Path(source)
         if not path.exists():
             raise DataError(f"prompt file not found: {path}")
-        found = _records_from_rows(_read_table(path), str(path), field, response_field)
+        found = _records_from_rows(_rename(read_table(path), columns), str(path), field, response_field)
     return found[:limit] if limit else found
+
+
+def _rename(rows: list[dict], columns: dict | None) -> list[dict]:
+    if not columns:
+        return rows
+    return [{columns.get(k, k): v for k, v in row.items()} for row in rows]
+
+
+def load_hf_rows(source: str, *, config: str | None = None, split: str = "train", revision: str | None = None,
+                 data_files: list[str] | None = None, streaming: bool = False, limit: int | None = None) -> list[dict]:
+    """Rows of ``hf:<dataset>[:<split>]`` through ``datasets.load_dataset``: a hub set (with its
+    configuration, revision and split), or a builder such as ``json``, ``parquet`` or ``csv`` over
+    ``data_files``; streamed when asked (then only the first ``limit`` rows are read)."""
+    try:
+        import datasets
+    except ImportError:
+        raise MissingExtra("hf: data sources", "eval") from None
+    name, _, given_split = source[3:].partition(":")
+    try:
+        loaded = datasets.load_dataset(name, config, split=given_split or split, revision=revision,
+                                       data_files=data_files, streaming=streaming)
+        if streaming:
+            return [dict(row) for _, row in zip(range(limit or 10**12), loaded)]
+        return [dict(row) for row in loaded]
+    except (FileNotFoundError, ConnectionError, ValueError, OSError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+        hint = " (the hub is unreachable: HF_HUB_OFFLINE=1 or no network, and it is not cached)" if offline else ""
+        raise DataError(f"{source}: cannot load the dataset{hint}: {str(err).splitlines()[0][:200]}") from None
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> str:
@@ -222,41 +248,6 @@ def prompt_token_ids(tokenizer, messages: list[dict], max_prompt_length: int | N
     end). Every caller that shows a prompt to a model uses this."""
     ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
     return ids[-max_prompt_length:] if max_prompt_length else ids
-
-
-# Pairs --------------------------------------------------------------------------------------------
-
-
-def make_pairs(prompts: list[dict], teacher: list[dict], student: list[dict]) -> tuple[list[dict], int]:
-    """Join teacher and student responses by prompt id into TRL-layout pairs
-    ``{"id", "prompt", "chosen", "rejected", "chosen_finished", "rejected_finished"}``.
-    Returns the pairs (in prompt order) and the number of prompts missing a response."""
-    by_t = {r["id"]: r for r in teacher}
-    by_s = {r["id"]: r for r in student}
-    pairs, missing = [], 0
-    for rec in prompts:
-        t, s = by_t.get(rec["id"]), by_s.get(rec["id"])
-        if t is None or s is None:
-            missing += 1
-            continue
-        pairs.append({
-            "id": rec["id"], "prompt": rec["messages"],
-            "chosen": t["response"], "rejected": s["response"],
-            "chosen_finished": t.get("finish_reason") == "stop",
-            "rejected_finished": s.get("finish_reason") == "stop",
-        })
-    return pairs, missing
-
-
-def load_pairs(path: str | Path) -> list[dict]:
-    """Read a pairs file; every row needs id, prompt, chosen and rejected."""
-    rows = read_jsonl(path)
-    for number, row in enumerate(rows, start=1):
-        for key in ("id", "prompt", "chosen", "rejected"):
-            if key not in row:
-                raise DataError(f"{path}:{number}: missing field {key!r}")
-        row["prompt"] = to_messages(row["prompt"], f"{path}:{number}")
-    return rows
 
 
 # Tokenisation and collation ---------------------------------------------------------------------

@@ -35,15 +35,19 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("1", "true")
 
 
-def make_accelerator(mixed_precision: str = "no"):
+def make_accelerator(mixed_precision: str = "no", log_with: list[str] | None = None, project_dir=None):
     """An ``accelerate.Accelerator`` for the engine the launcher asked for; on a machine without
-    CUDA (or with ACCELERATE_USE_CPU=1) on the CPU, over gloo when there are several processes."""
+    CUDA (or with ACCELERATE_USE_CPU=1) on the CPU, over gloo when there are several processes.
+    ``log_with``: experiment trackers (tensorboard, trackio, wandb, mlflow) logging under
+    ``project_dir``."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     on_cpu = not torch.cuda.is_available() or _flag("ACCELERATE_USE_CPU")
     kwargs = {"mixed_precision": mixed_precision, "step_scheduler_with_optimizer": False}
+    if log_with:
+        kwargs.update(log_with=list(log_with), project_dir=str(project_dir) if project_dir else None)
     if not on_cpu:
         return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)], **kwargs)
     if world == 1:

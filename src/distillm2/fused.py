@@ -88,7 +88,7 @@ class _GradWeight:
             self.step = weight.shape[0]
         else:
             self.step = _VOCAB_BLOCK
-            self.tmp = torch.empty((self.step, weight.shape[1]), dtype=weight.dtype, device=weight.device)
+            self.tmp = torch.empty((min(self.step, weight.shape[0]), weight.shape[1]), dtype=weight.dtype, device=weight.device)
             self.blocks = [
                 torch.zeros((min(self.step, weight.shape[0] - v), weight.shape[1]),
                             dtype=torch.float32, device=weight.device)
@@ -180,6 +180,8 @@ class _Fused(torch.autograd.Function):
 
 def _proportional(grad_out: Tensor, weights: Tensor) -> float | None:
     """c with grad_out = c * weights to float32 rounding, else None."""
+    if not weights.numel():
+        return 0.0
     k = int(weights.abs().argmax())
     if float(weights[k]) == 0.0:
         return 0.0 if not bool(grad_out.any()) else None

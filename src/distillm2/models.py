@@ -65,17 +65,32 @@ def _embedded_dir(name: str) -> Path:
 
 
 def resolve(name_or_path: str) -> str:
-    """An embedded name becomes its cached directory; anything else is passed to transformers."""
+    """An embedded name becomes its cached directory; a local path must exist; anything else is
+    taken for a hub id and passed to transformers."""
     if name_or_path in EMBEDDED:
         return str(_embedded_dir(name_or_path))
-    return name_or_path
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or \
+        os.sep in name_or_path and Path(name_or_path).parent.exists()
+    if looks_local and not Path(name_or_path).expanduser().exists():
+        raise DataError(f"model not found: {name_or_path} (no such directory)")
+    return str(Path(name_or_path).expanduser()) if looks_local else name_or_path
+
+
+def _hub_error(name: str, err: Exception) -> DataError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    where = "not a local directory, and the hub is unreachable (HF_HUB_OFFLINE=1 / no network) with no cached copy" \
+        if offline else "not a local directory, and the hub has no such model (or it needs a token)"
+    return DataError(f"cannot load {name}: {where}: {str(err).splitlines()[0][:160]}")
 
 
 def load_tokenizer(name_or_path: str):
     """The tokenizer of a model; a missing pad token becomes the end token (padding is masked)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path))
+    except OSError as err:
+        raise _hub_error(name_or_path, err) from None
     if len(tokenizer) <= 1:  # transformers 5 builds an empty tokenizer from a folder without one
         raise DataError(f"{name_or_path}: no tokenizer files found (the tokenizer it loads is empty)")
     if tokenizer.pad_token_id is None:
@@ -98,17 +113,47 @@ def pick_dtype(dtype: str, device: torch.device) -> str:
     return "float32" if device.type == "cpu" else "bfloat16"
 
 
+def quantization_config(spec: dict):
+    """transformers' quantization config from a YAML mapping: ``{quant_method: bitsandbytes,
+    load_in_4bit: true, ...}`` as transformers reads it, or for torchao ``{quant_method: torchao,
+    quant_type: Int8WeightOnlyConfig, quant_type_kwargs: {...}}`` (a class of
+    ``torchao.quantization``)."""
+    from transformers.quantizers import AutoQuantizationConfig
+
+    spec = dict(spec)
+    if spec.get("quant_method") == "torchao" and isinstance(spec.get("quant_type"), str):
+        try:
+            import torchao.quantization as tq
+        except ImportError:
+            raise MissingExtra("torchao quantization", command="pip install torchao") from None
+        from transformers import TorchAoConfig
+
+        name = spec.pop("quant_type")
+        if not hasattr(tq, name):
+            raise DataError(f"quantization_config.quant_type: torchao.quantization has no {name!r}")
+        spec.pop("quant_method")
+        return TorchAoConfig(quant_type=getattr(tq, name)(**spec.pop("quant_type_kwargs", {})), **spec)
+    return AutoQuantizationConfig.from_dict(spec)
+
+
 def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", device=None,
-               attn_implementation: str | None = None):
-    """A causal LM by hub id, local directory or embedded name."""
+               attn_implementation: str | None = None, **extra):
+    """A causal LM by hub id, local directory or embedded name. ``extra`` goes to
+    ``from_pretrained`` as is (``revision``, ``trust_remote_code``, ``device_map``; a
+    ``quantization_config`` dict with ``quant_method`` becomes transformers' config object)."""
     from transformers import AutoModelForCausalLM
 
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
-    kwargs = {"dtype": dtype}
+    kwargs = {"dtype": dtype, **extra}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(resolve(name_or_path), **kwargs)
+    if isinstance(kwargs.get("quantization_config"), dict):
+        kwargs["quantization_config"] = quantization_config(kwargs["quantization_config"])
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve(name_or_path), **kwargs)
+    except OSError as err:
+        raise _hub_error(name_or_path, err) from None
     if device is not None:
         model.to(device)
     return model

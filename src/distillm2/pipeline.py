@@ -17,7 +17,7 @@ import yaml
 from distillm2 import distributed, models
 from distillm2.checkpoint import remove_checkpoint
 from distillm2.config import LossConfig, RunConfig, TrainStageConfig, to_yaml
-from distillm2.data import load_pairs, load_prompts, make_pairs
+from distillm2.data import load_prompts
 from distillm2.errors import ConfigError, DataError
 from distillm2.evaluation.held_out import evaluate_models
 from distillm2.evaluation.report import write_held_out
@@ -29,7 +29,9 @@ from distillm2.files import (
     write_text_atomic,
 )
 from distillm2.generation import generate_responses
+from distillm2.hub import push, write_model_card
 from distillm2.losses import LOSSES
+from distillm2.pairs import load_pairs, make_pairs, write_pairs
 from distillm2.progress import logger, setup_logging
 from distillm2.train import Schedule, Trainer, num_steps
 
@@ -47,6 +49,12 @@ def _flat(data: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def tracker_config(cfg) -> dict:
+    """The run's config flattened to the scalars trackers accept (lists as text)."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+            for k, v in _flat(yaml.safe_load(to_yaml(cfg))).items() if v is not None}
 
 
 def check_saved_config(run_dir: Path, cfg, force: bool) -> None:
@@ -78,23 +86,32 @@ class Run:
         setup_logging()
         self.cfg = cfg
         self.dir = Path(cfg.output_dir)
-        self.acc = distributed.make_accelerator(cfg.train.mixed_precision)
+        self.acc = distributed.make_accelerator(cfg.train.mixed_precision, cfg.train.report_to, self.dir / "logs")
         self.main = self.acc.is_main_process
         check_saved_config(self.dir, cfg, force)
+        if cfg.train.report_to:
+            name = cfg.train.run_name or self.dir.name
+            self.acc.init_trackers(cfg.train.project, config=tracker_config(cfg),
+                                   init_kwargs={"wandb": {"name": name}, "mlflow": {"run_name": name},
+                                                "trackio": {"name": name}})
         # Every input is loaded and checked before anything is written into the run directory.
         mc = cfg.models
         self.tokenizer = models.load_tokenizer(mc.student or mc.teacher)
         teacher_tok = models.load_tokenizer(mc.teacher)
         prompts_path, init_dir = self.dir / "prompts.jsonl", self.dir / "student-init"
         new_prompts = new_student = None
+        if self.main and not prompts_path.exists():  # the cheap checks first
+            d = cfg.data
+            new_prompts = prompts if prompts is not None else load_prompts(
+                d.prompts, d.field, d.max_prompts, d.response_field, d.columns,
+                {"config": d.dataset_config, "split": d.split, "revision": d.revision,
+                 "data_files": d.data_files, "streaming": d.streaming})
+            if not new_prompts:
+                raise DataError(f"{cfg.data.prompts}: no prompts")
         with distributed.replicated_loading(self.acc):
             if teacher is None:
-                teacher = models.load_model(mc.teacher, mc.teacher_dtype, attn_implementation=mc.attn_implementation)
-            if self.main and not prompts_path.exists():
-                new_prompts = prompts if prompts is not None else load_prompts(
-                    cfg.data.prompts, cfg.data.field, cfg.data.max_prompts, cfg.data.response_field)
-                if not new_prompts:
-                    raise DataError(f"{cfg.data.prompts}: no prompts")
+                teacher = models.load_model(mc.teacher, mc.teacher_dtype, attn_implementation=mc.attn_implementation,
+                                            **mc.teacher_kwargs)
             if self.main and not (init_dir / "config.json").exists():
                 new_student = self._initial_student()
         teacher_module = distributed.generation_module(teacher)
@@ -123,8 +140,10 @@ class Run:
         """The student before any training: loaded, or derived from the teacher's layers."""
         mc = self.cfg.models
         if mc.student:
-            return models.load_model(mc.student, "float32", attn_implementation=mc.attn_implementation)
-        full = models.load_model(mc.teacher, "float32")
+            return models.load_model(mc.student, "float32", attn_implementation=mc.attn_implementation,
+                                     **mc.student_kwargs)
+        full = models.load_model(mc.teacher, "float32", **{k: v for k, v in mc.teacher_kwargs.items()
+                                                           if k in ("revision", "trust_remote_code")})
         n = mc.student_num_layers
         if mc.student_layers is None and n is None:
             n = max(1, full.config.num_hidden_layers // 2)  # the documented default: half
@@ -260,7 +279,7 @@ class Run:
             if missing:
                 logger.warning("round %d: %d prompts lack a teacher or student response", k, missing)
             if self.main:
-                write_jsonl(rdir / "pairs.jsonl", pairs)
+                write_pairs(rdir / "pairs.jsonl", pairs)
             self.acc.wait_for_everyone()
             schedule = Schedule(round_index=k, step_offset=(k - 1) * steps_per_round,
                                 total_steps=steps_per_round * cfg.rounds, rounds=cfg.rounds)
@@ -275,6 +294,13 @@ class Run:
             write_json_atomic(self.dir / "status.json", {"finished": True, "rounds": cfg.rounds}, indent=None)
         if cfg.eval.prompts:
             self.evaluate()
+        if self.main:
+            write_model_card(self.dir)  # with the evaluation table when there is one
+            if cfg.hub.push:
+                if not cfg.hub.model_id:
+                    raise ConfigError("hub.push needs hub.model_id (user/name)")
+                push(self.dir, cfg.hub.model_id, private=cfg.hub.private)
+        self.acc.end_training()
         return self.dir
 
     def _final_is_stale(self, last_stage: Path | None) -> bool:

@@ -366,9 +366,13 @@ class Trainer:
         tokens = record.pop("tokens")
         record.update({"beta": beta, "lr": lr, "grad_norm": grad_norm, "world_size": self.world,
                        "tokens_per_s": tokens / max(seconds, 1e-9), "step_s": seconds})
-        if self.acc.is_main_process:
-            if step % max(1, self.cfg.log_every) == 0 or step == len(self.steps):
+        if step % max(1, self.cfg.log_every) == 0 or step == len(self.steps):
+            if self.acc.is_main_process:
                 with open(path, "a", encoding="utf-8") as fh:
                     fh.write(json.dumps(record) + "\n")
+            # the same values to the experiment trackers (a no-op without train.report_to)
+            self.acc.log({f"{self.stage_dir.name}/{k}": v for k, v in record.items()
+                          if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}, step=step)
+        if self.acc.is_main_process:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")

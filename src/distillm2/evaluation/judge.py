@@ -128,9 +128,9 @@ def openai_judge(model: str, base_url: str | None = None, api_key: str | None = 
         import openai
     except ImportError:
         raise MissingExtra("the judge at an OpenAI-compatible endpoint", "eval") from None
+    key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
     client = openai.OpenAI(base_url=base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1",
-                           api_key=api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY",
-                           max_retries=retries, timeout=timeout)
+                           api_key=key, max_retries=retries, timeout=timeout)
 
     def complete(messages):
         for attempt in range(retries + 1):
@@ -138,7 +138,7 @@ def openai_judge(model: str, base_url: str | None = None, api_key: str | None = 
                 reply = client.chat.completions.create(model=model, messages=messages, temperature=temperature,
                                                        max_tokens=max_tokens)
             except openai.APIError as err:  # retries spent, or not retryable (401, 404, ...)
-                raise JudgeError(f"judge {model}: {type(err).__name__}: {_short(err)}") from None
+                raise JudgeError(f"judge {model}: {type(err).__name__}: {_short(err, key)}") from None
             try:
                 content = reply.choices[0].message.content
             except (AttributeError, IndexError, KeyError, TypeError):
@@ -152,9 +152,9 @@ def openai_judge(model: str, base_url: str | None = None, api_key: str | None = 
     return complete
 
 
-def _short(err) -> str:
-    # the client's messages carry the server's reply, never the request's headers
-    return str(getattr(err, "message", err))[:300]
+def _short(err, secret: str) -> str:
+    # the message is the server's reply; a server may echo the key back: never show it
+    return str(getattr(err, "message", err)).replace(secret, "***")[:300]
 
 
 def hf_judge(model, tokenizer, max_new_tokens: int = 256, temperature: float = 1.0):

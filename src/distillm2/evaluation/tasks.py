@@ -137,14 +137,16 @@ def _rouge(ctx: EvalContext) -> dict:
 
 
 def _kl(ctx: EvalContext) -> dict:
+    vocab = ctx.vocab  # checks the shared vocabulary before any generation
     rows = ctx.teacher_rows
-    kl = teacher_forced_kl(ctx.model, ctx.teacher, ctx.tokenizer, ctx.prompts, rows, ctx.vocab,
+    kl = teacher_forced_kl(ctx.model, ctx.teacher, ctx.tokenizer, ctx.prompts, rows, vocab,
                            batch_size=ctx.cfg.batch_size, max_prompt_length=ctx.cfg.max_prompt_length)
     return {"forward_kl": kl["forward_kl"], "nll": kl["nll"], "n": len(rows), "tokens": kl["tokens"]}
 
 
 def _self(ctx: EvalContext) -> dict:
-    return own_output_metrics(ctx.teacher, ctx.tokenizer, ctx.prompts, ctx.answer_rows, ctx.vocab,
+    vocab = ctx.vocab  # checks the shared vocabulary before any generation
+    return own_output_metrics(ctx.teacher, ctx.tokenizer, ctx.prompts, ctx.answer_rows, vocab,
                               batch_size=ctx.cfg.batch_size, max_prompt_length=ctx.cfg.max_prompt_length)
 
 
