@@ -74,23 +74,44 @@ def make_inputs(rows, vocab, hs, ht, dtype, seed=0):
     return h_s, w_s, h_t, w_t
 
 
-def run_case(impl, inputs, repeats):
-    """Median time, largest peak extra memory (MiB), and the last run's values and gradients."""
+def run_once(impl, inputs):
+    """One forward + backward: wall time, CPU time, peak extra memory (MiB), and the outputs."""
     h_s, w_s, h_t, w_t = inputs
-    times, peaks = [], []
-    for _ in range(repeats):
-        h_s.grad = w_s.grad = None
-        gc.collect()
-        before = _status_kib("VmRSS") / 1024
-        _reset_peak()
-        start = time.perf_counter()
-        values = IMPLS[impl](h_s, w_s, h_t, w_t)
-        values.sum().backward()
-        times.append(time.perf_counter() - start)
-        peaks.append(_status_kib("VmHWM") / 1024 - before)
-        print(f"  {impl}: {times[-1]:.1f} s, {peaks[-1]:.0f} MiB", flush=True)
-    result = {"time_s": statistics.median(times), "times_s": times, "peak_extra_mib": max(peaks)}
-    return result, (values.detach(), h_s.grad, w_s.grad)
+    h_s.grad = w_s.grad = None
+    gc.collect()
+    before = _status_kib("VmRSS") / 1024
+    _reset_peak()
+    start, cpu = time.perf_counter(), time.process_time()
+    values = IMPLS[impl](h_s, w_s, h_t, w_t)
+    values.sum().backward()
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    peak = _status_kib("VmHWM") / 1024 - before
+    print(f"  {impl}: {wall:.1f} s ({cpu:.1f} s CPU), {peak:.0f} MiB, load {os.getloadavg()[0]:.1f}",
+          flush=True)
+    outputs = (values.detach(), h_s.grad, w_s.grad)
+    h_s.grad = w_s.grad = None
+    return wall, cpu, peak, outputs
+
+
+def run_cases(inputs, repeats):
+    """Each implementation ``repeats`` times, alternating (the shared machine's load drifts):
+    median wall and CPU time, largest peak; and the last run's outputs of each."""
+    runs = {impl: [] for impl in IMPLS}
+    outputs = {}
+    for rep in range(repeats):
+        for impl in IMPLS:
+            *numbers, out = run_once(impl, inputs)
+            runs[impl].append(numbers)
+            if rep == repeats - 1:  # keep only the last outputs (a [V, H] gradient each)
+                outputs[impl] = out
+            del out
+    results = {}
+    for impl, numbers in runs.items():
+        walls, cpus, peaks = (list(x) for x in zip(*numbers))
+        # CPU time of this process too: the machine is shared, wall time includes waiting for it
+        results[impl] = {"time_s": statistics.median(walls), "times_s": walls,
+                         "cpu_s": statistics.median(cpus), "cpus_s": cpus, "peak_extra_mib": max(peaks)}
+    return results, outputs
 
 
 def compare(a, b):
@@ -117,14 +138,12 @@ def main(argv=None):
         print(f"[{rows_n} rows, V={vocab}, Hs={hs}, Ht={ht}, {name}]", flush=True)
         row = {"rows": rows_n, "vocab": vocab, "hidden_student": hs, "hidden_teacher": ht,
                "dtype": name, "load_before": os.getloadavg()}
-        outputs = {}
-        for impl in IMPLS:
-            row[impl], outputs[impl] = run_case(impl, inputs, args.repeats)
-            if impl == "today":  # keep today's outputs for the comparison, not its buffers
-                outputs[impl] = tuple(x.clone() for x in outputs[impl])
+        results, outputs = run_cases(inputs, args.repeats)
+        row.update(results)
         row["rel_diff"] = compare(outputs["today"], outputs["fused"])
         row["memory_ratio"] = row["today"]["peak_extra_mib"] / max(row["fused"]["peak_extra_mib"], 1.0)
         row["time_ratio"] = row["fused"]["time_s"] / row["today"]["time_s"]
+        row["cpu_time_ratio"] = row["fused"]["cpu_s"] / row["today"]["cpu_s"]
         row["load_after"] = os.getloadavg()
         # today's outputs (float32) vs ours: float32 rounding; bf16 gradients: bf16 rounding
         tol = 1e-4 if dtype == torch.float32 else 2e-2
@@ -156,11 +175,11 @@ def main(argv=None):
 def print_table(rows):
     """One line per dtype: times, peaks, ratios and the largest relative differences."""
     print(f"\n{'rows':>5} {'dtype':>9} | {'today s':>8} {'fused s':>8} {'time x':>7} | "
-          f"{'today MiB':>9} {'fused MiB':>9} {'mem /':>6} | max rel diff (values, grad h, grad W)")
+          f"{'cpu x':>6} | {'today MiB':>9} {'fused MiB':>9} {'mem /':>6} | max rel diff (values, grad h, grad W)")
     for r in rows:
         d = r["rel_diff"]
         print(f"{r['rows']:>5} {r['dtype']:>9} | {r['today']['time_s']:8.1f} {r['fused']['time_s']:8.1f} "
-              f"{r['time_ratio']:7.2f} | {r['today']['peak_extra_mib']:9.0f} "
+              f"{r['time_ratio']:7.2f} {r['cpu_time_ratio']:6.2f} | {r['today']['peak_extra_mib']:9.0f} "
               f"{r['fused']['peak_extra_mib']:9.0f} {r['memory_ratio']:6.1f} | "
               f"{d['values']:.1e}, {d['grad_hidden']:.1e}, {d['grad_weight']:.1e}", flush=True)
 

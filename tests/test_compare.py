@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 from conftest import tiny_config
 
@@ -82,3 +83,33 @@ def test_eval_command_errors(tiny, tmp_path, capsys):
     assert "need --teacher" in capsys.readouterr().err
     assert cli.main(["eval", "--model", str(tiny / "student"), "--tasks", "bleu"]) == 2
     assert "valid: rouge, kl, judge" in capsys.readouterr().err
+
+
+def test_compare_over_seeds_and_two_heldout_sets(tiny, tmp_path):
+    import json as _json
+
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(_json.dumps({"prompt": f"describe the colour {c}"}) + "\n"
+                             for c in ("red", "blue", "green", "amber")))
+    cfg = tiny_config(tiny, tmp_path / "cmp", rounds=1)
+    cfg.update(methods=["kd", "distillm2"], seeds=[1, 2], eval_sets=[str(tiny / "prompts.jsonl"), str(other)])
+    cfg["eval"] = {"prompts": None, "max_prompts": 4, "max_new_tokens": 6}
+    path = tmp_path / "cmp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert cli.main(["compare", str(path)]) == 0
+    out = tmp_path / "cmp"
+    report = json.loads((out / "results.json").read_text())
+    assert report["seeds"] == [1, 2] and set(report["sets"]) == {str(tiny / "prompts.jsonl"), str(other)}
+    for seed in (1, 2):
+        assert (out / f"seed-{seed}" / "distillm2" / "final" / "config.json").exists()
+    # the seeds differ (their own data order and samples), and the summary is their mean
+    per_seed = report["per_seed"]
+    first = str(tiny / "prompts.jsonl")
+    kd = [per_seed[str(s)][first]["kd"]["rouge_l"] for s in (1, 2)]
+    assert report["sets"][first]["models"]["kd"]["rouge_l"] == pytest.approx(sum(kd) / 2)
+    low, high = report["sets"][first]["models"]["kd"]["rouge_l_ci95"]
+    assert low <= sum(kd) / 2 <= high
+    test = report["sets"][first]["paired_vs_best_baseline"]["distillm2"]
+    assert report["sets"][first]["best_baseline"] == "kd" and 0.0 <= test["p_value"] <= 1.0 and test["n"] == 4
+    text = (out / "results.md").read_text()
+    assert "Paired test of ROUGE-L" in text and str(other) in text

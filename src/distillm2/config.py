@@ -309,6 +309,9 @@ class CompareConfig(RunConfig):
     methods: list[str] = opt(help="loss names trained as methods", choices="distillm2.losses:LOSSES", noun="loss",
                              factory=lambda: ["sft", "kd", "gkd", "distillm", "distillm2"])
     variants: list[dict] = opt(help="named variants: {name, loss, overrides: [key=value, ...]}", factory=list)
+    seeds: list[int] = opt(help="train every method once per seed (default: train.seed only)", factory=list)
+    eval_sets: list[str] = opt(help="held-out prompt sources to evaluate on (default: eval.prompts), e.g. "
+                               "[demo:heldout, selfinst]", factory=list)
 
 
 COMMANDS = {"run": RunConfig, "demo": RunConfig, "check": RunConfig, "train": TrainStageConfig, "generate": GenerateConfig,

@@ -62,6 +62,19 @@ def demo_prompts(split: str = "train") -> list[dict]:
     return sorted(out, key=lambda r: r["id"])
 
 
+def selfinst_prompts() -> list[dict]:
+    """Self-Instruct's 252 user-oriented instructions (Apache-2.0, bundled): the instruction and
+    its input as the prompt, the reference output as ``response``."""
+    path = Path(__file__).parent / "bundled" / "selfinst_user_oriented.jsonl"
+    out = []
+    for row in read_jsonl(path):
+        instance = row["instances"][0]
+        text = row["instruction"] + (f"\n\n{instance['input']}" if instance.get("input") else "")
+        messages = [{"role": "user", "content": text}]
+        out.append({"id": prompt_id(messages), "messages": messages, "response": instance["output"]})
+    return out
+
+
 _AUTO_FIELDS = ("messages", "prompt", "instruction", "question", "input", "text")
 
 
@@ -156,6 +169,7 @@ def load_prompts(source: str, field: str | None = None, limit: int | None = None
     - a ``.jsonl``, ``.json`` (a list of objects), ``.parquet`` or ``.csv`` file, with ``field``
       naming the column (a string or a chat ``messages`` list; guessed when None);
     - ``demo:train`` / ``demo:heldout`` / ``demo:all``: the bundled demo set;
+    - ``selfinst``: Self-Instruct's user-oriented instructions with reference outputs (bundled);
     - ``hf:<dataset>[:<split>]``: ``datasets.load_dataset`` (``hf`` holds config, split,
       revision, data_files, streaming; see :func:`load_hf_rows`).
     ``columns`` renames columns first. Duplicate prompts are kept once. ``limit`` keeps the first n. A ground-truth ``response`` is
@@ -164,6 +178,8 @@ def load_prompts(source: str, field: str | None = None, limit: int | None = None
     if source.startswith("demo"):
         split = source.split(":", 1)[1] if ":" in source else "train"
         found = [{"id": r["id"], "messages": r["messages"]} for r in demo_prompts(split)]
+    elif source == "selfinst":
+        found = selfinst_prompts()
     elif source.startswith("hf:"):
         found = _records_from_rows(_rename(load_hf_rows(source, limit=limit, **(hf or {})), columns), source,
                                    field, response_field)

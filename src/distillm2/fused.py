@@ -54,12 +54,12 @@ __all__ = [
 ]
 
 # Elements of one float32 [rows, V] chunk buffer. The matmuls need many rows per chunk to reuse
-# each weight row read from memory (at 6 rows, the losses' cache-sized chunk, h @ W.T is
-# memory-bound and several times slower); 2**25 = 128 MiB, about 220 rows at V = 151,936, keeps
-# the matmuls compute-bound on a CPU while the two buffers (student and teacher) stay well below
-# the float32 grad_weight. The kernels still run on cache-sized sub-chunks of each chunk.
+# each weight row they read from memory (at 6 rows, the losses' cache-sized chunk, h @ W.T is
+# memory-bound and several times slower). 3 * 2**24 = 192 MiB, 331 rows at V = 151,936: on this
+# CPU 441 rows took 0.8x the CPU time of 220 at the paper's sizes, and the two buffers (student,
+# teacher) stay below the float32 grad_weight. The kernels run on cache-sized sub-chunks.
 # DISTILLM2_FUSED_CHUNK_ELEMENTS overrides both (benchmarks/fused.py measures the effect).
-CHUNK_ELEMENTS = int(os.environ.get("DISTILLM2_FUSED_CHUNK_ELEMENTS", 2**25))
+CHUNK_ELEMENTS = int(os.environ.get("DISTILLM2_FUSED_CHUNK_ELEMENTS", 3 * 2**24))
 CUDA_CHUNK_ELEMENTS = int(os.environ.get("DISTILLM2_FUSED_CHUNK_ELEMENTS", 2**26))
 # Vocabulary rows per block of a float32 grad_weight accumulated from half-precision chunks (see
 # _GradWeight); 2**13 rows x 1,536 is 48 MiB in float32.

@@ -25,7 +25,7 @@ import torch
 
 from distillm2 import models
 from distillm2.config import EvaluateConfig, GenerationConfig
-from distillm2.data import records
+from distillm2.data import prompt_token_ids, records
 from distillm2.errors import DataError
 from distillm2.evaluation.benchmarks import (
     completion_from_response,
@@ -90,18 +90,23 @@ class EvalContext:
         """The shared vocabulary width (checks that model and teacher share a tokenizer)."""
         return models.check_tokenizers(self.teacher_tokenizer, self.tokenizer, self.teacher, self.model)
 
-    def greedy(self, who: str, prompts: list[dict], name: str, max_new_tokens: int | None = None) -> list[dict]:
+    def greedy(self, who: str, prompts: list[dict], name: str, max_new_tokens: int | None = None,
+               whole_prompts: bool = False) -> list[dict]:
         """Greedy outputs of the model (``who="model"``) or the teacher for ``prompts``, in
-        prompt order, cached under a key of everything that determines them."""
+        prompt order, cached under a key of everything that determines them. ``whole_prompts``:
+        never cut a prompt to ``max_prompt_length`` (benchmark prompts with worked examples)."""
         cfg = self.cfg
         settings = GenerationConfig(greedy=True, max_new_tokens=max_new_tokens or cfg.max_new_tokens,
                                     batch_size=cfg.batch_size, dtype=cfg.dtype)
+        model, tokenizer = (self.model, self.tokenizer) if who == "model" else (self.teacher, self.teacher_tokenizer)
+        length = cfg.max_prompt_length
+        if whole_prompts:
+            length = max([length] + [len(prompt_token_ids(tokenizer, p["messages"])) for p in prompts])
         key = cache_key(model=self.identity(who)["fingerprint"], dtype=cfg.dtype, device=self.device.type,
                         greedy=True, max_new_tokens=settings.max_new_tokens, batch_size=cfg.batch_size,
-                        max_prompt_length=cfg.max_prompt_length, backend=settings.backend)
-        model, tokenizer = (self.model, self.tokenizer) if who == "model" else (self.teacher, self.teacher_tokenizer)
+                        max_prompt_length="whole" if whole_prompts else length, backend=settings.backend)
         rows = generate_responses(model, tokenizer, prompts, self.cache / f"{who}.{name}.{key}.jsonl", settings,
-                                  max_prompt_length=cfg.max_prompt_length, desc=f"{who} {name}")
+                                  max_prompt_length=length, desc=f"{who} {name}")
         by_id = {r["id"]: r for r in rows}
         return [by_id[p["id"]] for p in prompts if p["id"] in by_id]
 
@@ -190,7 +195,7 @@ def _gsm8k(ctx: EvalContext) -> dict:
     rows = load_gsm8k(gc.data, ctx.cfg.limit)
     shots = gsm8k_shots(gc.fewshot, gc.fewshot_data, rows)
     recs = records([gsm8k_messages(r["question"], shots) for r in rows])
-    outs = ctx.greedy("model", recs, "gsm8k")
+    outs = ctx.greedy("model", recs, "gsm8k", whole_prompts=True)
     got = {o["id"]: extract_answer(o["response"]) for o in outs}
     correct = sum(got.get(rec["id"]) is not None and abs(got[rec["id"]] - gsm8k_reference(r["answer"])) < 1e-6
                   for rec, r in zip(recs, rows))
@@ -210,7 +215,7 @@ def _humaneval(ctx: EvalContext) -> dict:
     problems = problems[: ctx.cfg.limit] if ctx.cfg.limit else problems
     recs = records([humaneval_messages(p["prompt"]) for p in problems])
     max_new = max(ctx.cfg.max_new_tokens, hc.max_new_tokens)
-    outs = {o["id"]: o["response"] for o in ctx.greedy("model", recs, "humaneval", max_new)}
+    outs = {o["id"]: o["response"] for o in ctx.greedy("model", recs, "humaneval", max_new, whole_prompts=True)}
     completions = {p["task_id"]: [completion_from_response(outs[rec["id"]], p["entry_point"])]
                    for rec, p in zip(recs, problems)}
     return score_humaneval(problems, completions, timeout=hc.timeout, workers=hc.workers)
