@@ -118,6 +118,8 @@ class TrainConfig:
     lr: float = opt(5e-5, "peak learning rate")
     weight_decay: float = opt(0.0, "decoupled weight decay")
     adam_betas: list[float] = opt(help="AdamW betas", factory=lambda: [0.9, 0.999])
+    fused_optimizer: bool = opt(True, "fused AdamW where the engine allows it (one process, DDP): one kernel per "
+                                "step instead of a loop over tensors (8x faster on a CPU)")
     warmup_ratio: float = opt(0.1, "fraction of each stage's steps spent warming up")
     lr_schedule: str = opt("cosine", "after warm-up", choices=("cosine", "constant"))
     max_grad_norm: float = opt(1.0, "gradient clipping norm")
@@ -130,6 +132,8 @@ class TrainConfig:
                          choices=("sequence", "token"))
     log_every: int = opt(1, "optimiser steps between metrics lines")
     checkpoint_every: int = opt(50, "optimiser steps between checkpoints (and always at the end of a stage)")
+    group_by_length: bool = opt(False, "put pairs of similar length in the same micro-batch (less padding; the plan "
+                                "stays deterministic and resumable)")
     seed: int = opt(42, "seed of the data order, sampling and dropout")
     report_to: list[str] = opt(help="experiment trackers (through accelerate); metrics.jsonl is always written",
                                choices=("tensorboard", "trackio", "wandb", "mlflow"), factory=list)

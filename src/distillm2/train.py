@@ -53,9 +53,13 @@ class Schedule:
     rounds: int = 1  # of the run
 
 
-def plan_steps(num_pairs: int, cfg: TrainConfig, world: int, stage_seed: int) -> list[list[list[int]]]:
+def plan_steps(num_pairs: int, cfg: TrainConfig, world: int, stage_seed: int,
+               lengths: list[int] | None = None) -> list[list[list[int]]]:
     """steps[s][m] = pair indices of micro-batch m of step s, for all ranks together (rank r takes
-    ``[r * batch_size : (r + 1) * batch_size]``)."""
+    ``[r * batch_size : (r + 1) * batch_size]``). With ``cfg.group_by_length`` and the pairs'
+    ``lengths``, the shuffled order is sorted by length within windows of 16 micro-batches, so
+    micro-batches hold pairs of similar length (less padding) while the plan stays a pure
+    function of the seed."""
     total = max(1, math.ceil(cfg.epochs * num_pairs))
     gen = torch.Generator().manual_seed(stage_seed)
     order: list[int] = []
@@ -63,6 +67,10 @@ def plan_steps(num_pairs: int, cfg: TrainConfig, world: int, stage_seed: int) ->
         order += torch.randperm(num_pairs, generator=gen).tolist()
     order = order[:total]
     micro = cfg.batch_size * world
+    if cfg.group_by_length and lengths is not None:
+        window = micro * 16
+        order = [i for w in range(0, len(order), window)
+                 for i in sorted(order[w : w + window], key=lambda i: -lengths[i])]
     if world > 1 and len(order) % micro:
         order += order[: micro - len(order) % micro]  # every rank gets a full micro-batch
     micro_batches = [order[i : i + micro] for i in range(0, len(order), micro)]
@@ -74,11 +82,12 @@ def num_steps(num_pairs: int, cfg: TrainConfig, world: int = 1) -> int:
     return len(plan_steps(num_pairs, cfg, world, 0))
 
 
-def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (the paper) or plain SGD over ``params``."""
+def make_optimizer(params, cfg: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW (the paper; ``fused``: torch's single-kernel implementation) or plain SGD."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay,
+                             fused=fused or None)
 
 
 def lr_factor(cfg: TrainConfig, total: int):
@@ -160,7 +169,8 @@ class Trainer:
                 logger.warning("%s: %s", self.stage_dir.name, stats.report())
             write_json_atomic(self.stage_dir / "truncation.json", stats.__dict__, indent=None)
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
-        self.steps = plan_steps(len(pairs), train_cfg, self.world, stage_seed)
+        lengths = [max(len(r.prompt_ids) + len(r.response_ids) for r in item.values()) for item in self.encoded]
+        self.steps = plan_steps(len(pairs), train_cfg, self.world, stage_seed, lengths)
         self.curriculum = (loss_cfg.name == "distillm2" and loss_cfg.curriculum
                            and self.schedule.round_index >= 2)
 
@@ -169,7 +179,10 @@ class Trainer:
             if hasattr(student, "enable_input_require_grads"):
                 student.enable_input_require_grads()
         student.train()
-        optimizer = make_optimizer([p for p in student.parameters() if p.requires_grad], train_cfg)
+        trainable = [p for p in student.parameters() if p.requires_grad]
+        fused = train_cfg.fused_optimizer and distributed.engine(accelerator) == "ddp" and all(
+            p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in trainable)
+        optimizer = make_optimizer(trainable, train_cfg, fused=fused)
         distributed.configure_deepspeed(accelerator, train_cfg)
         self.student, self.optimizer = accelerator.prepare(student, optimizer)
         self.loss_scale = distributed.loss_scale(accelerator, train_cfg)
