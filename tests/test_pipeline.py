@@ -33,6 +33,9 @@ def test_full_run_two_rounds(tiny, tmp_path):
     # the linear beta schedule rises over the run
     r1 = [json.loads(x) for x in (out / "round-1/metrics.jsonl").read_text().splitlines()]
     assert r1[0]["beta"] == 0.5 and metrics[-1]["beta"] == 0.75
+    # attention chosen by measurement, kept for every rank and resumed stage
+    attention = json.loads((out / "attention.json").read_text())
+    assert attention["choice"] in ("sdpa", "eager") and set(attention["seconds"]) == {"sdpa", "eager"}
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["version"] and saved["rounds"] == 2
     from transformers import AutoModelForCausalLM

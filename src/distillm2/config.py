@@ -45,7 +45,9 @@ class ModelsConfig:
         None, "or keep this many evenly spaced layers; with neither set, half the teacher's layers")
     dtype: str = opt("float32", "weights of the trained student", choices=DTYPE_NAMES)
     teacher_dtype: str = opt("bfloat16", "weights of the frozen teacher (bf16 halves its cost)", choices=DTYPE_NAMES)
-    attn_implementation: str | None = opt(None, "attention kernel passed to transformers, e.g. sdpa, eager")
+    attn_implementation: str | None = opt(
+        "auto", "attention kernel (sdpa, eager, flash_attention_2, ...); auto: the faster of sdpa and eager for "
+        "this device and the run's shapes, measured once and kept in RUN/attention.json")
     teacher_kwargs: dict = opt(help="extra from_pretrained arguments of the teacher: quantization_config, "
                                "device_map, revision, trust_remote_code, ...", factory=dict)
     student_kwargs: dict = opt(help="extra from_pretrained arguments of the student", factory=dict)

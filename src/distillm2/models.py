@@ -159,6 +159,35 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", device=N
     return model
 
 
+ATTENTION_CANDIDATES = ("sdpa", "eager")
+
+
+def measure_attention(model, rows: int, length: int, repeats: int = 2) -> dict[str, float]:
+    """Seconds of one training-shaped forward + backward of ``model`` on random ids of shape
+    ``[rows, length]`` with each attention implementation (after a warm-up). PyTorch's CPU
+    flash-attention path costs more than it saves on short rows, so the choice depends on the
+    device and the shape and is measured, not assumed."""
+    import time
+
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (rows, length), device=device)
+    was, times = model.training, {}
+    model.train()
+    for name in ATTENTION_CANDIDATES:
+        model.set_attn_implementation(name)
+        best = float("inf")
+        for attempt in range(repeats + 1):
+            start = time.perf_counter()
+            out = model(input_ids=ids, logits_to_keep=1, use_cache=False).logits
+            out.float().sum().backward()
+            if attempt:
+                best = min(best, time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+        times[name] = best
+    model.train(was)
+    return times
+
+
 def evenly_spaced_layers(total: int, keep: int) -> list[int]:
     """``keep`` of ``total`` layer indices, evenly spaced, first and last included."""
     if not 1 <= keep <= total:

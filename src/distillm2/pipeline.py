@@ -10,6 +10,7 @@ exists (``<stage>/model/``) is not redone. Re-running the same command continues
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import yaml
@@ -110,7 +111,7 @@ class Run:
                 raise DataError(f"{cfg.data.prompts}: no prompts")
         with distributed.replicated_loading(self.acc):
             if teacher is None:
-                teacher = models.load_model(mc.teacher, mc.teacher_dtype, attn_implementation=mc.attn_implementation,
+                teacher = models.load_model(mc.teacher, mc.teacher_dtype, attn_implementation=self._given_attention(),
                                             **mc.teacher_kwargs)
             if self.main and not (init_dir / "config.json").exists():
                 new_student = self._initial_student()
@@ -133,14 +134,41 @@ class Run:
         with distributed.replicated_loading(self.acc):
             init_model = models.load_model(str(init_dir), "float32")
         self.vocab = models.check_tokenizers(teacher_tok, self.tokenizer, teacher_module, init_model)
+        self.attention = self._choose_attention(init_model)
+        if mc.attn_implementation == "auto" and hasattr(teacher_module, "set_attn_implementation"):
+            teacher_module.set_attn_implementation(self.attention)
         del init_model
         self.teacher = distributed.place_teacher(self.acc, teacher, models.DTYPES[mc.teacher_dtype])
+
+    def _given_attention(self) -> str | None:
+        value = self.cfg.models.attn_implementation
+        return None if value == "auto" else value
+
+    def _choose_attention(self, student) -> str | None:
+        """models.attn_implementation, or for ``auto`` the faster of sdpa and eager for the run's
+        shapes on this device: measured once on the main process, kept in RUN/attention.json so
+        that every rank and every resumed stage uses the same kernel."""
+        if self.cfg.models.attn_implementation != "auto":
+            return self.cfg.models.attn_implementation
+        path = self.dir / "attention.json"
+        if self.main and not path.exists():
+            rows = self.cfg.train.batch_size * 2
+            length = min(self.cfg.data.max_length, 64 + self.cfg.generation.max_new_tokens)
+            with self.acc.autocast():
+                times = models.measure_attention(student.to(self.acc.device), rows, length)
+            choice = min(times, key=times.get)
+            write_json_atomic(path, {"choice": choice, "seconds": times, "rows": rows, "length": length,
+                                     "device": str(self.acc.device)})
+            logger.info("attention: %s (forward+backward %s)", choice,
+                        ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in times.items()))
+        self.acc.wait_for_everyone()
+        return json.loads(path.read_text())["choice"]
 
     def _initial_student(self):
         """The student before any training: loaded, or derived from the teacher's layers."""
         mc = self.cfg.models
         if mc.student:
-            return models.load_model(mc.student, "float32", attn_implementation=mc.attn_implementation,
+            return models.load_model(mc.student, "float32", attn_implementation=self._given_attention(),
                                      **mc.student_kwargs)
         full = models.load_model(mc.teacher, "float32", **{k: v for k, v in mc.teacher_kwargs.items()
                                                            if k in ("revision", "trust_remote_code")})
@@ -162,7 +190,7 @@ class Run:
 
     def _load_student(self, stage_model: Path | None):
         mc = self.cfg.models
-        kwargs = {"attn_implementation": mc.attn_implementation}
+        kwargs = {"attn_implementation": self.attention}
         if stage_model is not None and not mc.lora:
             return models.load_model(str(stage_model), mc.dtype, **kwargs)
         base = models.load_model(str(self.dir / "student-init"), mc.dtype, **kwargs)

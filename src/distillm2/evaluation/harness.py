@@ -100,9 +100,6 @@ def run_lm_eval(ctx, names: list[str]) -> dict[str, dict]:
     tasks = task_names(names)
     manager = _task_manager(lc.include_path)
     backend = _backend(lc.backend)
-    identity = ctx.identity("model")
-    key = cache_key(model=identity["fingerprint"], backend=backend, dtype=cfg.dtype, device=ctx.device.type,
-                    batch_size=lc.batch_size, chat=lc.apply_chat_template, gen_kwargs=lc.gen_kwargs)
     if any(t.startswith(CODE_TASKS) for t in tasks):
         if not lc.allow_code_execution:
             raise DataError(f"lm-eval code tasks ({', '.join(tasks)}) execute model-written code; allow it with "
@@ -118,6 +115,10 @@ def run_lm_eval(ctx, names: list[str]) -> dict[str, dict]:
     else:
         model = "vllm"
         model_args = {"pretrained": models.resolve(cfg.model), "dtype": cfg.dtype, "batch_size": lc.batch_size}
+    # after loading: a hub id is then in the local cache, so its fingerprint is of its files
+    key = cache_key(model=ctx.identity("model")["fingerprint"], backend=backend, dtype=cfg.dtype,
+                    device=ctx.device.type, batch_size=lc.batch_size, chat=lc.apply_chat_template,
+                    gen_kwargs=lc.gen_kwargs)
     logger.info("lm-eval %s on %s (%s backend)", ", ".join(tasks), cfg.model, backend)
     out = lm_eval.simple_evaluate(
         model=model, model_args=model_args, tasks=tasks, num_fewshot=lc.num_fewshot, limit=cfg.limit,
