@@ -180,3 +180,19 @@ def test_speculative_kd_interleaves_student_and_teacher(tiny, tmp_path):
     everything = run(_cfg(tiny, tmp_path / "all", rounds=1, **{"loss.name": "skd", "loss.skd_top_k": vocab}))
     assert sum(r["replaced"] for r in _rows(everything / "round-1" / "student.jsonl")) == 0
     assert (out / "round-1" / "model").exists()
+
+
+def test_dpo_alignment_stage_after_the_rounds(tiny, tmp_path):
+    prefs = tmp_path / "prefs.jsonl"
+    with open(prefs, "w") as fh:
+        for i in range(6):
+            fh.write(json.dumps({"prompt": f"name a fruit {i}", "chosen": "an apple", "rejected": "a rock"}) + "\n")
+    out = run(_cfg(tiny, tmp_path / "run", rounds=1, **{"align.pairs": str(prefs), "align.lr": 1e-2}))
+    metrics = _rows(out / "align" / "metrics.jsonl")
+    assert len(metrics) >= 2 and all(math.isfinite(m["loss"]) for m in metrics)
+    # the first step's DPO loss is log 2: the reference is the student itself at the stage's start
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert metrics[-1]["loss"] < metrics[0]["loss"]  # the chosen answers became more likely
+    final = load_file(str(out / "final" / "model.safetensors"))
+    aligned = load_file(str(out / "align" / "model" / "model.safetensors"))
+    assert all(torch.equal(final[k], aligned[k]) for k in aligned)

@@ -171,6 +171,17 @@ class LossConfig:
 
 
 @dataclass
+class AlignConfig:
+    """``align:`` an optional preference-alignment stage after the rounds (DistiLLM-2 §5.1)."""
+
+    pairs: str | None = opt(None, "preference pairs (TRL layout, or the released code's); unset: no alignment")
+    loss: str = opt("dpo", "the alignment loss", choices="distillm2.losses:LOSSES", noun="loss")
+    epochs: float = opt(1.0, "passes over the pairs")
+    lr: float | None = opt(None, "learning rate (default: train.lr)")
+    dpo_beta: float = opt(0.1, "DPO temperature beta")
+
+
+@dataclass
 class HubConfig:
     """``hub:`` publishing the final student."""
 
@@ -202,6 +213,7 @@ class RunConfig:
     train: TrainConfig = opt(help="optimiser and loop", factory=TrainConfig)
     loss: LossConfig = opt(help="objective", factory=LossConfig)
     eval: RunEvalConfig = opt(help="held-out evaluation at the end", factory=RunEvalConfig)
+    align: AlignConfig = opt(help="preference alignment after the rounds", factory=AlignConfig)
     hub: HubConfig = opt(help="publishing", factory=HubConfig)
 
 

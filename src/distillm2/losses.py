@@ -220,6 +220,7 @@ class LossSpec:
     description: str
     weights: Callable[[float], dict[str, float]] | None = None
     combine: Callable[[dict[str, Tensor], LossParams], Tensor] | None = None
+    reference: str = "teacher"  # the model in the teacher's slot: "teacher", or "student" = frozen start of stage
 
     @property
     def rows(self) -> tuple[str, ...]:
@@ -313,6 +314,9 @@ LOSSES: dict[str, LossSpec] = {
                                 "skew reverse KL with DistiLLM v1's non-detached gradient on both, averaged"),
     "dpkd": LossSpec({"chosen": ("chosen", _log_ratio), "rejected": ("rejected", _log_ratio)}, True,
                      "DPO with the teacher as reference on mean-token log-probabilities (DPKD)", combine=_dpo),
+    "dpo": LossSpec({"chosen": ("chosen", _log_ratio), "rejected": ("rejected", _log_ratio)}, True,
+                    "DPO on preference pairs; the reference is the student frozen at the start of the stage",
+                    combine=_dpo, reference="student"),
     "distillm2": LossSpec({"chosen": ("skl", _skl), "rejected": ("srkl", _srkl)}, True,
                           "(1-beta) SKL on teacher + beta SRKL on student responses", weights=_distillm2_weights),
 }

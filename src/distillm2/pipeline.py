@@ -182,12 +182,6 @@ class Run:
         with distributed.replicated_loading(self.acc):
             return self._load_student(stage_model)
 
-    def _stages_up_to(self, stage_model: Path) -> list[Path]:
-        """The finished stages' model directories in training order, up to ``stage_model``."""
-        order = [self.dir / "sft" / "model"] + [self.dir / f"round-{k}" / "model" for k in range(1, self.cfg.rounds + 1)]
-        chain = [p for p in order if p.exists()]
-        return chain[: chain.index(stage_model) + 1] if stage_model in chain else chain
-
     def _load_student(self, stage_model: Path | None):
         mc = self.cfg.models
         kwargs = {"attn_implementation": self.attention}
@@ -230,12 +224,14 @@ class Run:
                                   accelerator=self.acc, desc=stage, interleave_with=self.teacher,
                                   top_k=self.cfg.loss.skd_top_k)
 
-    def train_stage(self, student, pairs, stage_dir: Path, loss_cfg: LossConfig, epochs: float, schedule: Schedule):
+    def train_stage(self, student, pairs, stage_dir: Path, loss_cfg: LossConfig, epochs: float, schedule: Schedule,
+                    train_cfg=None):
         """One training stage; writes ``stage_dir/model`` and returns the trained student, or None
         under an engine that shards parameters (the next stage reloads it from that directory)."""
         trainer = Trainer(
             accelerator=self.acc, student=student, teacher=self.teacher, tokenizer=self.tokenizer, pairs=pairs,
-            train_cfg=dataclasses.replace(self.cfg.train, epochs=epochs), loss_cfg=loss_cfg, stage_dir=stage_dir,
+            train_cfg=dataclasses.replace(train_cfg or self.cfg.train, epochs=epochs), loss_cfg=loss_cfg,
+            stage_dir=stage_dir,
             vocab=self.vocab, max_prompt_length=self.cfg.data.max_prompt_length, max_length=self.cfg.data.max_length,
             schedule=schedule, stage_seed=self.cfg.train.seed * 1009 + schedule.round_index)
         student = trainer.fit(save_to=stage_dir / "model")
@@ -314,6 +310,8 @@ class Run:
             student = self.train_stage(student, pairs, rdir, cfg.loss, cfg.train.epochs, schedule)
             previous = rdir / "model"
 
+        if cfg.align.pairs:
+            student, previous = self._align(student, previous)
         if self._final_is_stale(previous):
             if student is None:
                 student = self.load_student(previous)
@@ -330,6 +328,29 @@ class Run:
                 push(self.dir, cfg.hub.model_id, private=cfg.hub.private)
         self.acc.end_training()
         return self.dir
+
+    def _align(self, student, previous: Path | None):
+        """The alignment stage (RUN/align): ``align.loss`` (DPO) on ``align.pairs`` from the
+        distilled student, the reference being that student frozen; final/ is the aligned one."""
+        stage = self.dir / "align"
+        if (stage / "model").exists():
+            return None, stage / "model"
+        a = self.cfg.align
+        if student is None or (self.cfg.models.lora and self.cfg.models.lora_rounds == "fresh"):
+            student = self.load_student(previous)
+        pairs = load_pairs(a.pairs)
+        loss = dataclasses.replace(self.cfg.loss, name=a.loss, dpo_beta=a.dpo_beta)
+        train_cfg = self.cfg.train if a.lr is None else dataclasses.replace(self.cfg.train, lr=a.lr)
+        logger.info("align: %s on %d pairs from %s", a.loss, len(pairs), a.pairs)
+        student = self.train_stage(student, pairs, stage, loss, a.epochs, Schedule(round_index=0), train_cfg)
+        return student, stage / "model"
+
+    def _stages_up_to(self, stage_model: Path) -> list[Path]:
+        """The finished stages' model directories in training order, up to ``stage_model``."""
+        order = [self.dir / "sft" / "model"] + [self.dir / f"round-{k}" / "model" for k in range(1, self.cfg.rounds + 1)]
+        order.append(self.dir / "align" / "model")
+        chain = [p for p in order if p.exists()]
+        return chain[: chain.index(stage_model) + 1] if stage_model in chain else chain
 
     def _final_is_stale(self, last_stage: Path | None) -> bool:
         """``final/`` is rebuilt when missing or older than the last stage's model (a finished run

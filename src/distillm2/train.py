@@ -16,6 +16,7 @@ The engine (DDP, DeepSpeed, FSDP) is :mod:`distillm2.distributed`'s business, ch
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import time
@@ -178,6 +179,11 @@ class Trainer:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(student, "enable_input_require_grads"):
                 student.enable_input_require_grads()
+        if self.spec.reference == "student":  # DPO: the student as it starts the stage, frozen (before
+            # an engine may shard it, and before a resumed checkpoint replaces its weights)
+            teacher = copy.deepcopy(student)
+            teacher = teacher.merge_and_unload() if hasattr(teacher, "merge_and_unload") else teacher
+            teacher.eval().requires_grad_(False)
         student.train()
         trainable = [p for p in student.parameters() if p.requires_grad]
         fused = train_cfg.fused_optimizer and distributed.engine(accelerator) == "ddp" and all(
