@@ -140,8 +140,9 @@ def test_nothing_points_outside_the_repository():
     assert (ROOT / "docs" / "design.md").exists()
 
 
-def test_packaged_demo_config_is_the_repository_one():
-    assert (ROOT / "configs" / "demo.yaml").read_text() == (PACKAGE / "configs" / "demo.yaml").read_text()
+def test_packaged_recipes_are_the_repository_ones():
+    for name in ("demo.yaml", "quantized.yaml"):
+        assert (ROOT / "configs" / name).read_text() == (PACKAGE / "configs" / name).read_text(), name
 
 
 @pytest.mark.slow

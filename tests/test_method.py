@@ -196,3 +196,23 @@ def test_dpo_alignment_stage_after_the_rounds(tiny, tmp_path):
     final = load_file(str(out / "final" / "model.safetensors"))
     aligned = load_file(str(out / "align" / "model" / "model.safetensors"))
     assert all(torch.equal(final[k], aligned[k]) for k in aligned)
+
+
+def test_quantized_student_recovers_with_lora(tiny, tmp_path):
+    teacher = models.load_model(str(tiny / "teacher"))
+    w = teacher.model.layers[0].mlp.up_proj.weight.detach().clone()
+    q = models.quantize_weights(models.load_model(str(tiny / "teacher")), bits=4, group_size=16)
+    wq = q.model.layers[0].mlp.up_proj.weight.detach()
+    groups, qgroups = w.reshape(w.shape[0], -1, 16), wq.reshape(w.shape[0], -1, 16)
+    scale = groups.abs().amax(-1, keepdim=True) / 7
+    assert torch.allclose(qgroups / scale, (qgroups / scale).round(), atol=1e-4)  # on the 4-bit grid
+    assert (qgroups / scale).abs().max() <= 8 and not torch.equal(w, wq)
+    assert torch.equal(q.lm_head.weight, teacher.lm_head.weight)  # the head is left alone
+    out = run(_cfg(tiny, tmp_path / "q", rounds=1, **{
+        "models.student": str(tiny / "teacher"), "models.student_num_layers": None,
+        "models.student_quantization_bits": 4, "models.student_quantization_group": 16, "models.lora": True,
+        "models.lora_r": 4, "models.lora_alpha": 8, "eval.prompts": str(tiny / "prompts.jsonl"),
+        "eval.max_prompts": 4, "eval.max_new_tokens": 4, "eval.include_initial": True}))
+    report = json.loads((out / "eval" / "results.json").read_text())
+    assert {"teacher", "student_init", "student"} <= set(report["models"])
+    assert report["models"]["student_init"]["kl_teacher_responses"] > 0  # quantisation cost something

@@ -127,6 +127,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="override one config key, e.g. --set train.lr=1e-4 (repeatable; the value is YAML)")
         s.add_argument("-v", "--verbose", action="count", default=0, help="debug messages, tracebacks on errors")
         s.add_argument("-q", "--quiet", action="count", default=0, help="warnings and errors only")
+        if command == "demo":
+            s.add_argument("--recipe", default="demo", choices=["demo", "quantized"],
+                           help="demo: distillation into a derived student; quantized: recovery of a 4-bit student")
         if command in ("run", "demo", "train", "compare"):
             s.add_argument("--force", action="store_true",
                            help="continue a run directory whose saved config differs in what changes results")
@@ -156,9 +159,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def demo_base() -> dict:
-    """The bundled demo config (``configs/demo.yaml`` in the package)."""
-    return yaml.safe_load(resources.files("distillm2").joinpath("configs/demo.yaml").read_text())
+def demo_base(recipe: str = "demo") -> dict:
+    """A bundled recipe (``configs/<recipe>.yaml`` in the package)."""
+    return yaml.safe_load(resources.files("distillm2").joinpath(f"configs/{recipe}.yaml").read_text())
 
 
 def build_config(command: str, args) -> object:
@@ -179,7 +182,7 @@ def build_config(command: str, args) -> object:
             except ValueError:
                 raise config.ConfigError(f"{key}: expected {number.__name__}, got {value!r}") from None
         values[key] = value
-    base = demo_base() if command == "demo" else None
+    base = demo_base(getattr(args, "recipe", "demo")) if command == "demo" else None
     return config.load_config(cls, args.config, list(args.set), base=base, values=values)
 
 

@@ -51,6 +51,10 @@ class ModelsConfig:
     teacher_kwargs: dict = opt(help="extra from_pretrained arguments of the teacher: quantization_config, "
                                "device_map, revision, trust_remote_code, ...", factory=dict)
     student_kwargs: dict = opt(help="extra from_pretrained arguments of the student", factory=dict)
+    student_quantization_bits: int | None = opt(
+        None, "quantisation recovery: the initial student's linear weights rounded to this many bits (weight-only, "
+        "absmax per group, stored dequantized); train it with models.lora against the full-precision teacher")
+    student_quantization_group: int = opt(64, "columns per quantisation scale")
     lora: bool = opt(False, "train LoRA adapters instead of all weights")
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: int = opt(128, "LoRA alpha (the released recipe's 128)")
@@ -196,6 +200,7 @@ class RunEvalConfig:
 
     prompts: str | None = opt("demo:heldout", "held-out prompts; null: no evaluation")
     max_prompts: int | None = opt(100, "use only the first n")
+    include_initial: bool = opt(False, "also evaluate the student before training (student-init)")
     max_new_tokens: int = opt(128, "greedy tokens per answer")
     batch_size: int = opt(16, "rows per batch")
 

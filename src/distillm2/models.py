@@ -188,6 +188,27 @@ def measure_attention(model, rows: int, length: int, repeats: int = 2) -> dict[s
     return times
 
 
+@torch.no_grad()
+def quantize_weights(model, bits: int = 4, group_size: int = 64):
+    """Round every linear layer's weight (the output head excepted) to ``bits``-bit integers
+    with one absmax scale per group of ``group_size`` input columns, stored back dequantized: the
+    weights a weight-only quantised model computes with (round to nearest, symmetric), in a plain
+    model that trains, merges and saves like any other. Returns ``model`` (changed in place)."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"quantize_weights: bits must be in 2..8, got {bits}")
+    head = model.get_output_embeddings()
+    levels = 2 ** (bits - 1) - 1
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            w = module.weight
+            out_f, in_f = w.shape
+            g = group_size if in_f % group_size == 0 else in_f
+            grouped = w.float().reshape(out_f, in_f // g, g)
+            scale = grouped.abs().amax(-1, keepdim=True).clamp_min(1e-12) / levels
+            w.copy_((grouped / scale).round().clamp(-levels - 1, levels).mul(scale).reshape(out_f, in_f).to(w.dtype))
+    return model
+
+
 def evenly_spaced_layers(total: int, keep: int) -> list[int]:
     """``keep`` of ``total`` layer indices, evenly spaced, first and last included."""
     if not 1 <= keep <= total:

@@ -168,14 +168,22 @@ class Run:
         """The student before any training: loaded, or derived from the teacher's layers."""
         mc = self.cfg.models
         if mc.student:
-            return models.load_model(mc.student, "float32", attn_implementation=self._given_attention(),
-                                     **mc.student_kwargs)
+            return self._quantized(models.load_model(mc.student, "float32", attn_implementation=self._given_attention(),
+                                                     **mc.student_kwargs))
         full = models.load_model(mc.teacher, "float32", **{k: v for k, v in mc.teacher_kwargs.items()
                                                            if k in ("revision", "trust_remote_code")})
         n = mc.student_num_layers
         if mc.student_layers is None and n is None:
             n = max(1, full.config.num_hidden_layers // 2)  # the documented default: half
-        return models.derive_student(full, layers=mc.student_layers, num_layers=n)
+        return self._quantized(models.derive_student(full, layers=mc.student_layers, num_layers=n))
+
+    def _quantized(self, student):
+        mc = self.cfg.models
+        if mc.student_quantization_bits:
+            logger.info("student: weights rounded to %d bits (groups of %d)", mc.student_quantization_bits,
+                        mc.student_quantization_group)
+            models.quantize_weights(student, mc.student_quantization_bits, mc.student_quantization_group)
+        return student
 
     def load_student(self, stage_model: Path | None):
         """The student after ``stage_model`` (a finished stage's ``model/``), or the initial one."""
@@ -367,6 +375,8 @@ class Run:
         prompts: RUN/eval/{results.json, report.md, metrics.png}; returns the report."""
         out_dir = self.dir / "eval"
         candidates = {"teacher": None}
+        if self.cfg.eval.include_initial:
+            candidates["student_init"] = self.dir / "student-init"
         if (self.dir / "sft" / "model").exists():
             candidates["student_sft"] = self.dir / "sft" / "model"
         candidates["student"] = self.dir / "final"
