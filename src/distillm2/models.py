@@ -162,7 +162,7 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", device=N
 ATTENTION_CANDIDATES = ("sdpa", "eager")
 
 
-def measure_attention(model, rows: int, length: int, repeats: int = 2) -> dict[str, float]:
+def measure_attention(model, rows: int, length: int, repeats: int = 1) -> dict[str, float]:
     """Seconds of one training-shaped forward + backward of ``model`` on random ids of shape
     ``[rows, length]`` with each attention implementation (after a warm-up). PyTorch's CPU
     flash-attention path costs more than it saves on short rows, so the choice depends on the
