@@ -61,7 +61,8 @@ HELP = {
     "run": "run (or continue) the whole pipeline from a YAML config",
     "train": "train one stage on an existing pairs file",
     "generate": "sample responses of one model for a prompt file (resumable JSONL)",
-    "eval": "evaluate a model: " + ", ".join(("rouge", "kl", "judge", "gsm8k", "humaneval", "speculative")),
+    "eval": "evaluate a model: " + ", ".join(("rouge", "kl", "self", "judge", "gsm8k", "humaneval", "speculative",
+                                              "lm_eval:<task>")),
     "compare": "train the baselines and DistiLLM-2 from one student on one budget, evaluate, plot",
     "config": "print every key of a command's config with its default and help",
     "plot": "draw a run's training curves (loss terms, alpha, beta, lr, grad norm, tokens/s) into a PNG",
@@ -84,7 +85,11 @@ FLAGS = {
              "--references": "references", "--limit": "limit", "--output": "output",
              "--max-new-tokens": "max_new_tokens", "--batch-size": "batch_size", "--dtype": "dtype", "--device": "device",
              "--judge": "judge.model", "--judge-model": "judge.api_model", "--judge-base-url": "judge.base_url",
-             "--judge-api-key": "judge.api_key", "--gsm8k-data": "gsm8k.data", "--humaneval-data": "humaneval.data"},
+             "--judge-api-key": "judge.api_key", "--gsm8k-data": "gsm8k.data", "--humaneval-data": "humaneval.data",
+             "--completions": "humaneval.completions", "--export-alpaca-eval": "export_alpaca_eval",
+             "--judge-temperature": "judge.temperature", "--judge-concurrency": "judge.concurrency",
+             "--gsm8k-fewshot": "gsm8k.fewshot", "--max-prompt-length": "max_prompt_length",
+             "--lm-eval-include-path": "lm_eval.include_path", "--lm-eval-backend": "lm_eval.backend"},
 }
 CONFIG_REQUIRED = ("run", "compare", "train", "check")
 
