@@ -133,8 +133,6 @@ def _generate(model, tok, prompt_ids, eot, sample: bool, seed: int, batch: int =
 
 def prepare(steps_needed: int) -> dict:
     """Teacher/student directories, the cached rows (ids) and the step plan; returns the spec."""
-    import torch
-
     from distillm2 import data, models
     from distillm2.config import TrainConfig
     from distillm2.train import plan_steps
@@ -154,10 +152,11 @@ def prepare(steps_needed: int) -> dict:
         tmp.rename(student_dir)
         del teacher, student
     n_pairs = steps_needed * ROWS
+    pool = max(n_pairs, 12 * ROWS)  # generated once for the default 2 + 10 steps
     data_path = wd / "data.json"
     cached = json.loads(data_path.read_text()) if data_path.exists() else None
     if cached is None or cached["max_new"] != MAX_NEW or len(cached["rows"]) < n_pairs:
-        prompts = data.load_prompts("demo:train")[:n_pairs]
+        prompts = data.load_prompts("demo:train")[:pool]
         p_ids = [data.prompt_token_ids(tok, p["messages"]) for p in prompts]
         eot = data.end_of_turn_ids(tok)
         t0 = time.perf_counter()
@@ -206,7 +205,6 @@ def prepare(steps_needed: int) -> dict:
     spec = {"teacher_dir": str(teacher_dir), "student_dir": str(student_dir), "data": str(data_path),
             "plan": plan, "layout": layout, "n_pairs": n_pairs, "reencode_differs": cached["reencode_differs"]}
     (wd / "spec.json").write_text(json.dumps(spec))
-    torch.set_num_threads(torch.get_num_threads())
     return spec
 
 

@@ -138,6 +138,8 @@ class TrainConfig:
                          choices=("sequence", "token"))
     log_every: int = opt(1, "optimiser steps between metrics lines")
     checkpoint_every: int = opt(50, "optimiser steps between checkpoints (and always at the end of a stage)")
+    fused_loss: bool = opt(False, "distillm2 loss from hidden states, chunk by chunk: no [tokens, vocab] logits "
+                           "(one process; pays off at large vocabularies)")
     group_by_length: bool = opt(False, "put pairs of similar length in the same micro-batch (less padding; the plan "
                                 "stays deterministic and resumable)")
     seed: int = opt(42, "seed of the data order, sampling and dropout")

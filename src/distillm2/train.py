@@ -28,11 +28,13 @@ import torch
 from distillm2 import checkpoint, distributed
 from distillm2.config import LossConfig, TrainConfig
 from distillm2.data import Batch, collate, encode_pairs
-from distillm2.errors import NonFiniteError
+from distillm2.errors import ConfigError, NonFiniteError
 from distillm2.faults import maybe_crash, nan_at
 from distillm2.files import write_json_atomic
+from distillm2.fused_loop import fused_gaps, fused_loss, hidden_batch, response_hidden
 from distillm2.losses import (
     LOSSES,
+    LossOutput,
     LossParams,
     RowInputs,
     adaptive_alpha,
@@ -163,6 +165,11 @@ class Trainer:
         self.spec = LOSSES[loss_cfg.name]
         self.params = LossParams(temperature=loss_cfg.temperature, jsd_beta=loss_cfg.jsd_beta,
                                  dpo_beta=loss_cfg.dpo_beta)
+        self.fused = train_cfg.fused_loss
+        if self.fused and (loss_cfg.name != "distillm2" or train_cfg.reduction != "sequence"
+                           or accelerator.num_processes > 1):
+            raise ConfigError("train.fused_loss: the fused path computes the distillm2 loss with sequence reduction "
+                              "on one process")
         self.pair_ids = [p.get("id", str(i)) for i, p in enumerate(pairs)]
         self.encoded, stats = encode_pairs(pairs, tokenizer, self.spec.rows, max_prompt_length, max_length)
         if accelerator.is_main_process:  # one writer: ranks share the file system
@@ -218,13 +225,19 @@ class Trainer:
         return MicroBatch(len(mine), self.spec.rows, batch)
 
     def _logits(self, mb: MicroBatch):
+        """Student logits (with grad) and teacher logits of the response positions; on the fused
+        path, the rows' hidden states instead (as a HiddenBatch, and None)."""
+        forward = response_hidden if self.fused else response_logits
+        args = (mb.batch,) if self.fused else (mb.batch, self.vocab)
         with self.acc.autocast():
-            student_logits = response_logits(self.student, mb.batch, self.vocab)
-        teacher_logits = None
+            student_out = forward(self.student, *args)
+        teacher_out = None
         if self.teacher is not None:
             with torch.no_grad():
-                teacher_logits = response_logits(self.teacher, mb.batch, self.vocab)
-        return student_logits, teacher_logits
+                teacher_out = forward(self.teacher, *args)
+        if self.fused:
+            return hidden_batch(student_out, teacher_out, mb.batch, self.spec.rows, mb.pairs), None
+        return student_out, teacher_out
 
     def _measure_anchor(self, step_batches) -> None:
         """The round's anchors: mean gaps over the first step's pairs (all ranks), before training."""
@@ -233,7 +246,8 @@ class Trainer:
             for indices in step_batches:
                 mb = self._micro_batch(indices)
                 s, t = self._logits(mb)
-                gc, gr = curriculum_gaps(s, t, mb.batch.labels, mb.batch.mask, mb.pairs)
+                gc, gr = (fused_gaps(s, self.student, self.teacher, self.vocab, mb.pairs) if self.fused else
+                          curriculum_gaps(s, t, mb.batch.labels, mb.batch.mask, mb.pairs))
                 sums += torch.stack([gc.sum(), gr.sum(), torch.tensor(float(mb.pairs), device=sums.device)])
         sums = self.acc.reduce(sums, reduction="sum")
         self.state["anchor_chosen"] = float(sums[0] / sums[2])
@@ -254,15 +268,25 @@ class Trainer:
         lc = self.loss_cfg
         if not self.curriculum:
             return lc.alpha0, lc.alpha0
-        gc, gr = curriculum_gaps(student_logits, teacher_logits, mb.batch.labels, mb.batch.mask, mb.pairs)
+        if self.fused:
+            gc, gr = fused_gaps(student_logits, self.student, self.teacher, self.vocab, mb.pairs)
+        else:
+            gc, gr = curriculum_gaps(student_logits, teacher_logits, mb.batch.labels, mb.batch.mask, mb.pairs)
         bounds = {"alpha0": lc.alpha0, "alpha_min": lc.alpha_min, "alpha_max": lc.alpha_max,
                   "negative_gap": lc.negative_gap}
-        device = student_logits.device
+        device = gc.device
         return (adaptive_alpha(gc, self.state["anchor_chosen"], **bounds).to(device),
                 adaptive_alpha(gr, self.state["anchor_rejected"], **bounds).to(device))
 
     def _loss(self, mb: MicroBatch, student_logits, teacher_logits, beta, denom, metrics: StepMetrics):
         alphas = dict(zip(("chosen", "rejected"), self._alphas(mb, student_logits, teacher_logits)))
+        if self.fused:  # student_logits is a HiddenBatch here
+            fused = fused_loss(student_logits, self.student, self.teacher, self.vocab, pairs=mb.pairs, alphas=alphas,
+                               beta=beta, temperature=self.loss_cfg.temperature)
+            per_pair = (1.0 - beta) * fused.skl + beta * fused.srkl
+            out = LossOutput(fused.loss, per_pair, {"skl": fused.skl, "srkl": fused.srkl})
+            loss = fused.loss * mb.pairs / denom  # the same per-pair sum, divided by the step's pairs
+            return self._account(out, loss, mb, alphas, metrics)
         rows = {}
         for which in self.spec.rows:
             part = mb.part(which)
@@ -274,6 +298,9 @@ class Trainer:
             loss = out.per_pair.sum() / denom
         else:
             loss = sum(out.token_sums[w] / max(denom[w], 1) for w in self.spec.rows)
+        return self._account(out, loss, mb, alphas, metrics)
+
+    def _account(self, out, loss, mb: MicroBatch, alphas: dict, metrics: StepMetrics):
         metrics.add("loss", out.per_pair.detach().sum())
         metrics.add("pairs", mb.pairs)
         for name, value in out.terms.items():
