@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_common import paired_bars, reset_peak, status_kib
 
 from distillm2 import fused as F
 from distillm2.losses import skew_forward_kl
@@ -53,17 +54,6 @@ def fused(h_s, w_s, h_t, w_t):
 IMPLS = {"today": today, "fused": fused}
 
 
-def _status_kib(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak():
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
-
-
 def make_inputs(rows, vocab, hs, ht, dtype, seed=0):
     """Hidden states and output weights scaled so that logits have a standard deviation of ~2."""
     g = torch.Generator().manual_seed(seed)
@@ -79,13 +69,13 @@ def run_once(impl, inputs):
     h_s, w_s, h_t, w_t = inputs
     h_s.grad = w_s.grad = None
     gc.collect()
-    before = _status_kib("VmRSS") / 1024
-    _reset_peak()
+    before = status_kib("VmRSS") / 1024
+    reset_peak()
     start, cpu = time.perf_counter(), time.process_time()
     values = IMPLS[impl](h_s, w_s, h_t, w_t)
     values.sum().backward()
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    peak = _status_kib("VmHWM") / 1024 - before
+    peak = status_kib("VmHWM") / 1024 - before
     print(f"  {impl}: {wall:.1f} s ({cpu:.1f} s CPU), {peak:.0f} MiB, load {os.getloadavg()[0]:.1f}",
           flush=True)
     outputs = (values.detach(), h_s.grad, w_s.grad)
@@ -185,27 +175,9 @@ def print_table(rows):
 
 
 def plot(rows, path):
-    """Bars of time and peak extra memory, today vs fused, per dtype."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [f"N={r['rows']}\n{r['dtype']}" for r in rows]
-    x = range(len(rows))
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-    for ax, key, title in ((axes[0], "time_s", "forward + backward time (s)"),
-                           (axes[1], "peak_extra_mib", "peak extra memory (MiB)")):
-        ax.bar([i - 0.2 for i in x], [r["today"][key] for r in rows], 0.4, label="logits + chunked loss")
-        ax.bar([i + 0.2 for i in x], [r["fused"][key] for r in rows], 0.4, label="fused from hidden states")
-        ax.set_xticks(list(x), labels)
-        ax.set_title(title)
-    axes[1].legend()
-    v, hs, ht = rows[0]["vocab"], rows[0]["hidden_student"], rows[0]["hidden_teacher"]
-    fig.suptitle(f"skew KL + backward, V={v}, Hs={hs}, Ht={ht} (lower is better)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    """Time and peak extra memory, side by side per row."""
+    paired_bars(rows, [f"N={r['rows']}\n{r['dtype']}" for r in rows], [("today", "logits + chunked loss"), ("fused", "fused from hidden states")], path,
+                f"skew KL + backward, V={rows[0]['vocab']}, Hs={rows[0]['hidden_student']}, Ht={rows[0]['hidden_teacher']} (lower is better)", legend_panel=1)
 
 
 if __name__ == "__main__":

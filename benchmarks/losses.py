@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_common import paired_bars, reset_peak, status_kib
 
 from distillm2.losses import distillm2_loss
 
@@ -56,17 +57,6 @@ def ours(sc, tc, mc, sr, tr, mr):
 IMPLS = {"naive": naive_distillm2, "distillm2": ours}
 
 
-def _status_kib(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak():
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
-
-
 def run_case(impl, batch, length, vocab, dtype, repeats, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
 
@@ -87,15 +77,15 @@ def run_case(impl, batch, length, vocab, dtype, repeats, seed=0, device="cpu"):
             before = torch.cuda.memory_allocated() / 2**20
             torch.cuda.reset_peak_memory_stats()
         else:
-            before = _status_kib("VmRSS") / 1024
-            _reset_peak()
+            before = status_kib("VmRSS") / 1024
+            reset_peak()
         start = time.perf_counter()
         loss = IMPLS[impl](sc, tc, mask, sr, tr, mask)
         loss.backward()
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _status_kib("VmHWM") / 1024
+        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else status_kib("VmHWM") / 1024
         peaks.append(peak - before)
         value = float(loss.detach())
         del loss
@@ -164,25 +154,9 @@ def print_row(row, header):
 
 
 def plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [f"V={r['shape_each'][2]}\n{r['dtype']}" for r in rows]
-    x = range(len(rows))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, title in ((axes[0], "time_s", "forward + backward time (s)"),
-                           (axes[1], "peak_extra_mib", "peak extra memory (MiB)")):
-        ax.bar([i - 0.2 for i in x], [r["naive"][key] for r in rows], 0.4, label="naive (released formula)")
-        ax.bar([i + 0.2 for i in x], [r["distillm2"][key] for r in rows], 0.4, label="distillm2 (chunked)")
-        ax.set_xticks(list(x), labels)
-        ax.set_title(title)
-    axes[0].legend()
-    fig.suptitle("distillm2_loss vs naive reference (lower is better)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    """Time and peak extra memory, side by side per row."""
+    paired_bars(rows, [f"V={r['shape_each'][2]}\n{r['dtype']}" for r in rows], [("naive", "naive (released formula)"), ("distillm2", "distillm2 (chunked)")], path,
+                "distillm2_loss vs naive reference (lower is better)", legend_panel=0)
 
 
 if __name__ == "__main__":
