@@ -123,3 +123,12 @@ def test_length_grouped_plan_is_deterministic_and_complete():
         return sum(max(lengths[i] for i in m) * len(m) - sum(lengths[i] for i in m) for step in p for m in step)
 
     assert padding(plan) < padding(plain) / 2
+
+
+def test_one_process_can_build_accelerators_of_different_precisions():
+    """compare, a notebook or this suite run several runs in one process; accelerate's singleton
+    state must not make the second run's precision an error (it did: CI failed on it)."""
+    from distillm2.distributed import make_accelerator
+
+    assert make_accelerator("bf16").mixed_precision == "bf16"
+    assert make_accelerator("no").mixed_precision == "no"

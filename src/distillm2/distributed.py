@@ -41,6 +41,7 @@ def make_accelerator(mixed_precision: str = "no", log_with: list[str] | None = N
     ``log_with``: experiment trackers (tensorboard, trackio, wandb, mlflow) logging under
     ``project_dir``."""
     from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -48,6 +49,11 @@ def make_accelerator(mixed_precision: str = "no", log_with: list[str] | None = N
     kwargs = {"mixed_precision": mixed_precision, "step_scheduler_with_optimizer": False}
     if log_with:
         kwargs.update(log_with=list(log_with), project_dir=str(project_dir) if project_dir else None)
+    if world == 1:
+        # accelerate keeps its state in a process-wide singleton that refuses a second
+        # Accelerator with another precision; one process running several runs (compare, a
+        # notebook, the test suite) must be able to, so a single process starts afresh.
+        AcceleratorState._reset_state()
     if not on_cpu:
         return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)], **kwargs)
     if world == 1:
