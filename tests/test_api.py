@@ -158,3 +158,15 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     assert 0.0 <= report["tasks"]["rouge"]["rouge_l"] <= 1.0 and report["tasks"]["kl"]["forward_kl"] > 0
     assert (tmp_path / "runs" / "api" / "final" / "config.json").exists()
     assert (tmp_path / "runs" / "api" / "eval" / "results.json").exists()
+
+
+def test_submodules_are_not_shadowed_by_exported_functions():
+    """``import distillm2.train`` must give the training loop, not a function of the same name."""
+    import importlib
+
+    import distillm2
+
+    for name in ("train", "losses", "generation", "evaluation", "pipeline", "comparison"):
+        module = importlib.import_module(f"distillm2.{name}")
+        assert getattr(distillm2, name) is module, name
+    assert callable(distillm2.train_stage) and callable(distillm2.run)

@@ -8,8 +8,9 @@ functions::
     run_dir = run(cfg)
 
 Each command has a config class (``RunConfig``, ``TrainStageConfig``, ``GenerateConfig``,
-``EvaluateConfig``, ``CompareConfig``) and a function (``run``, ``train``, ``generate``,
-``evaluate``, ``compare``). The losses are pure functions in :mod:`distillm2.losses`.
+``EvaluateConfig``, ``CompareConfig``) and a function (``run``, ``train_stage``,
+``generate``, ``evaluate``, ``compare``); the ``distillm2 train`` command calls ``train_stage``
+(the name ``train`` stays the submodule :mod:`distillm2.train`, the training loop). The losses are pure functions in :mod:`distillm2.losses`.
 """
 
 from distillm2._version import __version__
@@ -38,11 +39,12 @@ from distillm2.losses import (
     skew_reverse_kl,
     total_variation,
 )
-from distillm2.pipeline import run, train
+from distillm2.pipeline import run, train_stage
 
 __all__ = [
     "LOSSES", "CompareConfig", "ConfigError", "DataError", "EvaluateConfig", "GenerateConfig", "MissingExtra",
     "RunConfig", "TokenizerMismatch", "TrainStageConfig", "UserError", "__version__", "adaptive_alpha",
     "beta_schedule", "compare", "distillation_loss", "distillm2_loss", "evaluate", "forward_kl", "generalized_jsd",
-    "generate", "load_config", "reverse_kl", "run", "skew_forward_kl", "skew_reverse_kl", "total_variation", "train",
+    "generate", "load_config", "reverse_kl", "run", "skew_forward_kl", "skew_reverse_kl", "total_variation",
+    "train_stage",
 ]

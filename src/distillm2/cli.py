@@ -226,7 +226,7 @@ def _dispatch(args) -> int:
     if args.command in ("demo", "run"):
         pipeline.run(cfg, force=args.force)
     elif args.command == "train":
-        print(f"trained student in {pipeline.train(cfg, force=args.force)}")
+        print(f"trained student in {pipeline.train_stage(cfg, force=args.force)}")
     elif args.command == "generate":
         generation.generate(cfg)
     elif args.command == "eval":

@@ -404,7 +404,7 @@ def run(cfg: RunConfig, force: bool = False) -> Path:
     return Run(cfg, force=force).execute()
 
 
-def train(cfg: TrainStageConfig, force: bool = False) -> Path:
+def train_stage(cfg: TrainStageConfig, force: bool = False) -> Path:
     """``distillm2 train``: one stage of ``cfg.loss`` on the pairs file ``cfg.pairs``; the student
     lands in ``OUTPUT/final`` (returned). Resumable like a run."""
     if not cfg.pairs:
