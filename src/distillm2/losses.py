@@ -28,6 +28,7 @@ from torch import Tensor
 
 from distillm2 import _kernels as K
 from distillm2._chunks import chunked_divergence
+from distillm2._topk import TopKTeacher, coarse_pair
 from distillm2.schedules import BETA_SCHEDULES, adaptive_alpha, beta_schedule
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "LOSSES",
     "RowInputs",
     "LossParams",
+    "TopKTeacher",
     "pair_loss",
     "curriculum_gaps",
     "adaptive_alpha",
@@ -184,12 +186,12 @@ class LossOutput:
 @dataclass
 class RowInputs:
     """One row kind (``chosen`` = teacher responses, ``rejected`` = student responses) of a batch
-    of B pairs: the student's logits ``[B, T, V]``, the teacher's logits ``[B, T, V]`` (None for
-    a loss without a teacher), the ``[B, T]`` labels and mask of trained tokens, and alpha (a
-    float or ``[B]``)."""
+    of B pairs: the student's logits ``[B, T, V]``, the teacher's logits ``[B, T, V]`` or its
+    top-k coarsening (a :class:`TopKTeacher`, ``train.teacher_topk``; None for a loss without a
+    teacher), the ``[B, T]`` labels and mask of trained tokens, and alpha (a float or ``[B]``)."""
 
     student: Tensor
-    teacher: Tensor | None
+    teacher: Tensor | TopKTeacher | None
     mask: Tensor
     labels: Tensor | None = None
     alpha: Tensor | float = 0.1
@@ -245,33 +247,57 @@ def _nll(r, p):
     return token_cross_entropy(r.student, _need(r, "labels"), r.mask)
 
 
+def _pair(r: RowInputs, p: LossParams) -> tuple[Tensor, Tensor, float]:
+    """Student and teacher as the divergence sees them, and the temperature to apply: the logits
+    themselves, or with a top-k teacher both coarsened to its k + 1 buckets (log-probabilities
+    already at the loss's temperature, so 1 is applied)."""
+    teacher = _need(r, "teacher")
+    if isinstance(teacher, TopKTeacher):
+        return *coarse_pair(r.student, teacher, p.temperature), 1.0
+    return r.student, teacher, p.temperature
+
+
 def _kd(r, p):
-    return forward_kl(r.student, _need(r, "teacher"), r.mask, temperature=p.temperature)
+    s, t, tau = _pair(r, p)
+    return forward_kl(s, t, r.mask, temperature=tau)
 
 
 def _rkl(r, p):
-    return reverse_kl(r.student, _need(r, "teacher"), r.mask, temperature=p.temperature)
+    s, t, tau = _pair(r, p)
+    return reverse_kl(s, t, r.mask, temperature=tau)
 
 
 def _gkd(r, p):
-    return generalized_jsd(r.student, _need(r, "teacher"), r.mask, beta=p.jsd_beta, temperature=p.temperature)
+    s, t, tau = _pair(r, p)
+    return generalized_jsd(s, t, r.mask, beta=p.jsd_beta, temperature=tau)
 
 
 def _tvd(r, p):
-    return total_variation(r.student, _need(r, "teacher"), r.mask, temperature=p.temperature)
+    s, t, tau = _pair(r, p)
+    return total_variation(s, t, r.mask, temperature=tau)
 
 
 def _skl(r, p):
-    return skew_forward_kl(r.student, _need(r, "teacher"), r.mask, alpha=r.alpha, temperature=p.temperature)
+    s, t, tau = _pair(r, p)
+    return skew_forward_kl(s, t, r.mask, alpha=r.alpha, temperature=tau)
 
 
 def _srkl(r, p):
-    return skew_reverse_kl(r.student, _need(r, "teacher"), r.mask, alpha=r.alpha, temperature=p.temperature)
+    s, t, tau = _pair(r, p)
+    return skew_reverse_kl(s, t, r.mask, alpha=r.alpha, temperature=tau)
 
 
 def _srkl_v1(r, p):
-    return skew_reverse_kl(r.student, _need(r, "teacher"), r.mask, alpha=r.alpha, detach_mixture=False,
-                           temperature=p.temperature)
+    s, t, tau = _pair(r, p)
+    return skew_reverse_kl(s, t, r.mask, alpha=r.alpha, detach_mixture=False, temperature=tau)
+
+
+def teacher_nll(teacher: Tensor | TopKTeacher, labels: Tensor, mask: Tensor) -> Tensor:
+    """-log p(labels) at temperature 1 under the teacher (full logits, or a top-k teacher, which
+    keeps the label's log-probability exactly): float32 ``[B, T]``, zero off the mask, no gradient."""
+    if isinstance(teacher, TopKTeacher):
+        return torch.where(mask.bool(), -teacher.label.float().to(mask.device), 0.0)
+    return token_cross_entropy(teacher.detach(), labels, mask)
 
 
 def _log_ratio(r, p):
@@ -279,8 +305,8 @@ def _log_ratio(r, p):
     relative to the teacher's (the teacher is the DPO reference, without gradient)."""
     labels = _need(r, "labels")
     with torch.no_grad():
-        teacher_nll = token_cross_entropy(_need(r, "teacher"), labels, r.mask)
-    return teacher_nll - token_cross_entropy(r.student, labels, r.mask)
+        reference = teacher_nll(_need(r, "teacher"), labels, r.mask)
+    return reference - token_cross_entropy(r.student, labels, r.mask)
 
 
 def _dpo(sequences: dict[str, Tensor], p: LossParams) -> Tensor:
@@ -320,6 +346,20 @@ LOSSES: dict[str, LossSpec] = {
     "distillm2": LossSpec({"chosen": ("skl", _skl), "rejected": ("srkl", _srkl)}, True,
                           "(1-beta) SKL on teacher + beta SRKL on student responses", weights=_distillm2_weights),
 }
+
+
+def topk_unsupported(name: str) -> str | None:
+    """Why ``train.teacher_topk`` cannot serve loss ``name`` (None when it can): the cache holds
+    the teacher on the chosen rows (its own responses), so the loss must read the teacher there."""
+    spec = LOSSES[name]
+    if not spec.needs_teacher:
+        return f"loss {name} never reads the teacher"
+    if spec.reference != "teacher":
+        return f"loss {name} compares against the frozen student, not the teacher"
+    if "chosen" not in spec.rows:
+        return (f"loss {name} reads the teacher only on student responses (rejected rows), which are resampled "
+                "every round: there is nothing to cache")
+    return None
 
 
 def pair_loss(name: str, rows: dict[str, RowInputs], *, beta: float = 0.5, params: LossParams | None = None,
@@ -419,14 +459,15 @@ def distillm2_loss(
 
 
 @torch.no_grad()
-def curriculum_gaps(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, mask: Tensor,
+def curriculum_gaps(student_logits: Tensor, teacher_logits: Tensor | TopKTeacher, labels: Tensor, mask: Tensor,
                     chosen_rows: int) -> tuple[Tensor, Tensor]:
     """The per-pair gaps of DistiLLM-2's curriculum (§3.3) for a batch whose first
     ``chosen_rows`` rows are teacher responses and the rest student responses: with lp / lq the
     mean token log-probability of a row's response under teacher / student, ``exp(lp) - exp(lq)``
-    on chosen rows and ``exp(lq) - exp(lp)`` on rejected rows. Logits ``[R, T, V]``, labels and
-    mask ``[R, T]``; returns two float32 ``[chosen_rows]`` tensors (no gradient)."""
+    on chosen rows and ``exp(lq) - exp(lp)`` on rejected rows. Logits ``[R, T, V]`` (the teacher's
+    may be a :class:`TopKTeacher`: it keeps p(label) exactly), labels and mask ``[R, T]``; returns
+    float32 ``[chosen_rows]`` and ``[R - chosen_rows]`` tensors (no gradient)."""
     lq = (-sequence_mean(token_cross_entropy(student_logits.detach(), labels, mask), mask)).exp()
-    lp = (-sequence_mean(token_cross_entropy(teacher_logits.detach(), labels, mask), mask)).exp()
+    lp = (-sequence_mean(teacher_nll(teacher_logits, labels, mask), mask)).exp()
     k = chosen_rows
     return lp[:k] - lq[:k], lq[k:] - lp[k:]
