@@ -5,11 +5,18 @@ cache (built once, reused by a later stage without a teacher forward on chosen r
 after a kill, rebuilt under another key) and the config checks."""
 
 
+import json
+
 import pytest
 import torch
+from conftest import tiny_config
 
-from distillm2 import _topk
+from distillm2 import _topk, models, teacher_cache
+from distillm2.config import ConfigError, LossConfig, RunConfig, TrainConfig, load_config
+from distillm2.distributed import make_accelerator
 from distillm2.losses import LOSSES, RowInputs, curriculum_gaps, pair_loss, topk_unsupported
+from distillm2.pipeline import run
+from distillm2.train import Schedule, Trainer
 
 TOPK_LOSSES = [name for name in LOSSES if topk_unsupported(name) is None]
 
@@ -114,3 +121,148 @@ def test_inputs_are_left_untouched_in_float32():
     student.requires_grad_(True)
     _topk.coarsen_student(student, top, 2.0).sum().backward()
     assert torch.equal(teacher, t0) and torch.equal(student.detach(), s0)
+
+
+# The cache in the training loop ----------------------------------------------------------------
+
+
+def _pairs(n=8):
+    return [{"id": f"p{i}", "prompt": [{"role": "user", "content": f"explain apple number {i}"}],
+             "chosen": f"paris is the capital {i} of france", "rejected": f"one two {i} three",
+             "chosen_finished": True, "rejected_finished": i % 2 == 0} for i in range(n)]
+
+
+class _Counter:
+    """Rows of every forward of a model (a forward pre-hook)."""
+
+    def __init__(self, model):
+        self.rows: list[int] = []
+        model.register_forward_pre_hook(lambda m, args, kwargs: self.rows.append(kwargs["input_ids"].shape[0]),
+                                        with_kwargs=True)
+
+
+def _trainer(tiny, stage_dir, teacher, topk, round_index=1, loss="distillm2", temperature=1.0, steps=2):
+    tok = models.load_tokenizer(str(tiny / "tok"))
+    cfg = TrainConfig(lr=1e-3, batch_size=2, mixed_precision="no", warmup_ratio=0.0, lr_schedule="constant",
+                      checkpoint_every=1, teacher_topk=topk, optimizer="sgd")
+    return Trainer(accelerator=make_accelerator("no"), student=models.load_model(str(tiny / "student")),
+                   teacher=teacher, tokenizer=tok, pairs=_pairs(2 * steps), train_cfg=cfg,
+                   loss_cfg=LossConfig(name=loss, temperature=temperature), stage_dir=stage_dir, vocab=len(tok),
+                   max_prompt_length=96, max_length=128, schedule=Schedule(round_index=round_index, rounds=2))
+
+
+def _metrics(stage_dir):
+    return [json.loads(x) for x in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cache_is_built_once_and_later_stages_run_the_teacher_on_rejected_rows_only(tiny, tmp_path):
+    teacher = models.load_model(str(tiny / "teacher"))
+    calls = _Counter(teacher)
+    first = _trainer(tiny, tmp_path / "round-1", teacher, 8)
+    assert sum(calls.rows) == 4  # the chosen rows of the 4 pairs, once, before any step
+    keys = list((tmp_path / "teacher-topk").iterdir())
+    assert len(keys) == 1 and (keys[0] / "key.json").exists() and list(keys[0].glob("part-*.pt"))
+    calls.rows.clear()
+    first.fit()
+    assert calls.rows == [2, 2]  # each micro-batch: its 2 rejected rows, never the chosen ones
+    calls.rows.clear()
+    second = _trainer(tiny, tmp_path / "round-2", teacher, 8, round_index=2)  # curriculum from round 2
+    assert calls.rows == []  # reused, not recomputed
+    second.fit()
+    assert calls.rows == [2, 2, 2]  # the anchor's measurement, then the two steps: rejected rows only
+    metrics = _metrics(tmp_path / "round-2")
+    assert len(metrics) == 2 and all(m["loss"] == m["loss"] for m in metrics) and "alpha_chosen_mean" in metrics[0]
+    # another temperature is another key: a second cache beside the first
+    _trainer(tiny, tmp_path / "round-3", teacher, 8, temperature=2.0)
+    assert len(list((tmp_path / "teacher-topk").iterdir())) == 2
+
+
+@pytest.mark.parametrize("loss", ["distillm2", "dpkd"])
+def test_full_k_trains_like_the_exact_teacher(tiny, tmp_path, loss):
+    teacher = models.load_model(str(tiny / "teacher"))
+    vocab = len(models.load_tokenizer(str(tiny / "tok")))
+    exact = _trainer(tiny, tmp_path / "exact", teacher, 0, loss=loss).fit()
+    top = _trainer(tiny, tmp_path / "top", teacher, vocab, loss=loss).fit()
+    for a, b in zip(_metrics(tmp_path / "exact"), _metrics(tmp_path / "top")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)  # float16 storage of the log-probabilities
+    for (name, a), b in zip(exact.state_dict().items(), top.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_cache_build_resumes_after_a_kill(tiny, tmp_path, monkeypatch):
+    teacher = models.load_model(str(tiny / "teacher"))
+    tok = models.load_tokenizer(str(tiny / "tok"))
+    rows = [r for r in _trainer(tiny, tmp_path / "enc", teacher, 0).encoded]
+    rows = [item["chosen"] for item in rows]
+    args = dict(k=5, temperature=1.0, vocab=len(tok), pad_id=tok.pad_token_id, batch_rows=1, device="cpu")
+    monkeypatch.setattr(teacher_cache, "SHARD_TOKENS", 1)  # a shard per batch
+
+    def killed(stage, shards):
+        if shards >= 2:
+            raise KeyboardInterrupt  # as a kill: the shards written so far stay, nothing else
+
+    monkeypatch.setattr(teacher_cache, "maybe_crash", killed)
+    with pytest.raises(KeyboardInterrupt):
+        teacher_cache.ChosenTopK(tmp_path / "cache", teacher, rows, **args)
+    (key_dir,) = (tmp_path / "cache").iterdir()
+    assert len(list(key_dir.glob("part-*.pt"))) == 2 and not list(key_dir.glob("*.tmp"))
+    monkeypatch.setattr(teacher_cache, "maybe_crash", lambda stage, shards: None)
+    calls = _Counter(teacher)
+    resumed = teacher_cache.ChosenTopK(tmp_path / "cache", teacher, rows, **args)
+    assert sum(calls.rows) == len(rows) - 2  # only what no shard holds
+    fresh = teacher_cache.ChosenTopK(tmp_path / "fresh", teacher, rows, **args)
+    a, b = resumed.teacher(list(range(len(rows))), 12, "cpu"), fresh.teacher(list(range(len(rows))), 12, "cpu")
+    for name in ("logprobs", "indices", "tail", "label"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_a_stage_resumes_after_an_interruption(tiny, tmp_path, monkeypatch):
+    teacher = models.load_model(str(tiny / "teacher"))
+    whole = _trainer(tiny, tmp_path / "whole", teacher, 8, steps=3).fit()
+
+    import distillm2.train as train_module
+
+    def crash(stage, step):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "maybe_crash", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(tiny, tmp_path / "cut", teacher, 8, steps=3).fit()
+    monkeypatch.setattr(train_module, "maybe_crash", lambda stage, step: None)
+    resumed = _trainer(tiny, tmp_path / "cut", teacher, 8, steps=3)
+    assert resumed.state["step"] == 2
+    resumed = resumed.fit()
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_run_keeps_one_cache_for_all_rounds(tiny, tmp_path):
+    out = run(load_config(RunConfig, base=tiny_config(tiny, tmp_path / "run", **{"train.teacher_topk": 16})))
+    (key_dir,) = (out / "teacher-topk").iterdir()
+    shards = list(key_dir.glob("part-*.pt"))
+    assert shards and json.loads((key_dir / "key.json").read_text())["k"] == 16
+    # written in round 1 only: round 2 started (truncation.json) after the last shard
+    assert max(p.stat().st_mtime_ns for p in shards) < (out / "round-2" / "truncation.json").stat().st_mtime_ns
+    assert (out / "final" / "config.json").exists()
+
+
+# Config ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["train.teacher_topk=-1"], "train.teacher_topk must be >= 0"),
+    (["train.teacher_topk=8", "train.fused_loss=true"], "train.teacher_topk cannot be combined with train.fused_loss"),
+])
+def test_bad_values_are_refused_when_loaded(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(RunConfig, overrides=overrides)
+
+
+@pytest.mark.parametrize("loss, why", [("sft", "never reads the teacher"), ("rkl", "only on student responses"),
+                                       ("dpo", "frozen student")])
+def test_losses_the_cache_cannot_serve_are_refused(tiny, tmp_path, loss, why):
+    with pytest.raises(ConfigError, match=f"train.teacher_topk: loss {loss} .*{why}"):
+        _trainer(tiny, tmp_path / loss, models.load_model(str(tiny / "teacher")), 8, loss=loss)
+    with pytest.raises(ConfigError, match="one process, got 2"):
+        teacher_cache.check_topk(8, "distillm2", False, 2)

@@ -28,7 +28,7 @@ from distillm2.evaluation.held_out import evaluate_models
 from distillm2.evaluation.metrics import rouge_l_scores
 from distillm2.evaluation.report import models_table, write_held_out
 from distillm2.files import atomic_dir, read_jsonl
-from distillm2.losses import LOSSES
+from distillm2.losses import LOSSES, topk_unsupported
 from distillm2.pipeline import Run
 from distillm2.progress import logger
 from distillm2.stats import mean_interval, paired_bootstrap
@@ -50,6 +50,8 @@ def _method_configs(cfg: CompareConfig, root: Path, seed: int) -> dict[str, RunC
             raise ConfigError(f"methods/variants: unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
         data = copy.deepcopy(base)
         data["loss"]["name"] = loss
+        if data["train"].get("teacher_topk") and topk_unsupported(loss):
+            data["train"]["teacher_topk"] = 0  # the cache serves the methods that read the teacher on chosen rows
         data["output_dir"] = str(root / entry["name"])
         out[entry["name"]] = load_config(RunConfig, base=data, overrides=list(entry.get("overrides", [])))
     return out
@@ -86,7 +88,7 @@ def _one_seed(cfg: CompareConfig, root: Path, seed: int, sets: list[str], force:
     for name, method_cfg in methods.items():
         _seed(Path(method_cfg.output_dir), root / "shared")
         logger.info("compare: seed %d, method %s", seed, name)
-        Run(method_cfg, teacher=shared.teacher, force=force).execute()
+        Run(method_cfg, teacher=shared.teacher, force=force, topk_dir=root / "shared" / "teacher-topk").execute()
     candidates = {"teacher": None, "initial": root / "shared" / "final"}
     candidates.update({name: Path(c.output_dir) / "final" for name, c in methods.items()})
     results, per_prompt = {}, {}

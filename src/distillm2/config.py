@@ -140,6 +140,10 @@ class TrainConfig:
     checkpoint_every: int = opt(50, "optimiser steps between checkpoints (and always at the end of a stage)")
     fused_loss: bool = opt(False, "distillm2 loss from hidden states, chunk by chunk: no [tokens, vocab] logits "
                            "(one process; pays off at large vocabularies)")
+    teacher_topk: int = opt(0, "0: the teacher's exact logits (the default). k > 0: its top-k log-probabilities + tail "
+                            "mass on the chosen rows, computed once per run and cached (RUN/teacher-topk); the teacher "
+                            "then runs on the rejected rows only. An approximation (a lower bound of each divergence; "
+                            "docs/results.md measures it); one process, not with fused_loss")
     group_by_length: bool = opt(False, "put pairs of similar length in the same micro-batch (less padding; the plan "
                                 "stays deterministic and resumable)")
     seed: int = opt(42, "seed of the data order, sampling and dropout")

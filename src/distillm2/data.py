@@ -363,6 +363,12 @@ class Batch:
         return int(self.mask.sum())
 
 
+def sub_batch(batch: Batch, rows: slice) -> Batch:
+    """The rows ``rows`` of ``batch``, with the same columns (and so the same ``keep``)."""
+    return Batch(batch.input_ids[rows], batch.attention_mask[rows], batch.position_ids[rows], batch.labels[rows],
+                 batch.mask[rows], batch.keep)
+
+
 def collate(rows: list[EncodedRow], pad_id: int) -> Batch:
     """Pad encoded rows into a :class:`Batch`. Rows with an empty response keep one masked-out
     column so that shapes stay valid."""

@@ -100,6 +100,21 @@ def write_json_atomic(path: str | Path, data, indent: int | None = 2) -> None:
 
 
 @contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` for writers that take a file name (``torch.save``):
+    renamed over ``path`` when the block finishes, removed when it fails. Yields the temporary path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        yield tmp
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Build a directory under a temporary name and move it to ``target`` only when the block
     finishes without an error; a crash leaves the old ``target`` (or none) and a stale temporary

@@ -31,9 +31,10 @@ from distillm2.files import (
 )
 from distillm2.generation import generate_responses
 from distillm2.hub import push, write_model_card
-from distillm2.losses import LOSSES
+from distillm2.losses import LOSSES, topk_unsupported
 from distillm2.pairs import load_pairs, make_pairs, write_pairs
 from distillm2.progress import logger, setup_logging
+from distillm2.teacher_cache import check_topk
 from distillm2.train import Schedule, Trainer, num_steps
 
 # Keys that do not change what a run computes: a run directory may continue under new values.
@@ -81,14 +82,20 @@ def check_saved_config(run_dir: Path, cfg, force: bool) -> None:
 class Run:
     """A run directory and the objects its stages share: the accelerator, the prompts, the
     tokenizer, the placed teacher and the vocabulary width to distil over. ``teacher`` may be
-    handed in by a caller that already holds it (``compare``), so it is loaded once."""
+    handed in by a caller that already holds it (``compare``), so it is loaded once; so may
+    ``topk_dir``, where the teacher's top-k cache lives (``train.teacher_topk``; default
+    ``RUN/teacher-topk``), which ``compare`` shares between its methods."""
 
-    def __init__(self, cfg: RunConfig, prompts: list[dict] | None = None, teacher=None, force: bool = False):
+    def __init__(self, cfg: RunConfig, prompts: list[dict] | None = None, teacher=None, force: bool = False,
+                 topk_dir: str | Path | None = None):
         setup_logging()
         self.cfg = cfg
         self.dir = Path(cfg.output_dir)
+        self.topk_dir = Path(topk_dir) if topk_dir is not None else self.dir / "teacher-topk"
         self.acc = distributed.make_accelerator(cfg.train.mixed_precision, cfg.train.report_to, self.dir / "logs")
         self.main = self.acc.is_main_process
+        if cfg.rounds > 0:  # before any work: the rounds' loss must be one the cache can serve
+            check_topk(cfg.train.teacher_topk, cfg.loss.name, cfg.train.fused_loss, self.acc.num_processes)
         check_saved_config(self.dir, cfg, force)
         if cfg.train.report_to:
             name = cfg.train.run_name or self.dir.name
@@ -240,13 +247,17 @@ class Run:
     def train_stage(self, student, pairs, stage_dir: Path, loss_cfg: LossConfig, epochs: float, schedule: Schedule,
                     train_cfg=None):
         """One training stage; writes ``stage_dir/model`` and returns the trained student, or None
-        under an engine that shards parameters (the next stage reloads it from that directory)."""
+        under an engine that shards parameters (the next stage reloads it from that directory).
+        The top-k cache serves the stages whose loss reads the teacher on chosen rows; the others
+        (an SFT warm-up, a DPO alignment) run as they always do."""
+        train_cfg = dataclasses.replace(train_cfg or self.cfg.train, epochs=epochs)
+        if train_cfg.teacher_topk and topk_unsupported(loss_cfg.name):
+            train_cfg = dataclasses.replace(train_cfg, teacher_topk=0)
         trainer = Trainer(
             accelerator=self.acc, student=student, teacher=self.teacher, tokenizer=self.tokenizer, pairs=pairs,
-            train_cfg=dataclasses.replace(train_cfg or self.cfg.train, epochs=epochs), loss_cfg=loss_cfg,
-            stage_dir=stage_dir,
+            train_cfg=train_cfg, loss_cfg=loss_cfg, stage_dir=stage_dir,
             vocab=self.vocab, max_prompt_length=self.cfg.data.max_prompt_length, max_length=self.cfg.data.max_length,
-            schedule=schedule, stage_seed=self.cfg.train.seed * 1009 + schedule.round_index)
+            schedule=schedule, stage_seed=self.cfg.train.seed * 1009 + schedule.round_index, topk_dir=self.topk_dir)
         student = trainer.fit(save_to=stage_dir / "model")
         if self.main:
             remove_checkpoint(stage_dir)  # the stage is finished and saved: optimiser state is dead weight

@@ -27,7 +27,7 @@ import torch
 
 from distillm2 import checkpoint, distributed
 from distillm2.config import LossConfig, TrainConfig
-from distillm2.data import Batch, collate, encode_pairs
+from distillm2.data import Batch, collate, encode_pairs, sub_batch
 from distillm2.errors import ConfigError, NonFiniteError
 from distillm2.faults import maybe_crash, nan_at
 from distillm2.files import write_json_atomic
@@ -44,6 +44,7 @@ from distillm2.losses import (
 )
 from distillm2.models import response_logits
 from distillm2.progress import logger, progress_bar
+from distillm2.teacher_cache import ChosenTopK, check_topk
 
 
 @dataclass
@@ -116,6 +117,7 @@ class MicroBatch:
     pairs: int
     rows: tuple[str, ...]
     batch: Batch
+    indices: tuple[int, ...] = ()  # the pairs', in this rank's order
 
     def part(self, which: str) -> slice:
         """The row slice of one row kind."""
@@ -155,7 +157,8 @@ class Trainer:
 
     def __init__(self, *, accelerator, student, teacher, tokenizer, pairs: list[dict], train_cfg: TrainConfig,
                  loss_cfg: LossConfig, stage_dir: str | Path, vocab: int, max_prompt_length: int = 512,
-                 max_length: int = 1024, schedule: Schedule | None = None, stage_seed: int = 0):
+                 max_length: int = 1024, schedule: Schedule | None = None, stage_seed: int = 0,
+                 topk_dir: str | Path | None = None):
         self.acc, self.cfg, self.loss_cfg = accelerator, train_cfg, loss_cfg
         torch.manual_seed(stage_seed)  # dropout (LoRA) does not depend on what ran before
         self.stage_dir = Path(stage_dir)
@@ -170,6 +173,7 @@ class Trainer:
                            or accelerator.num_processes > 1):
             raise ConfigError("train.fused_loss: the fused path computes the distillm2 loss with sequence reduction "
                               "on one process")
+        check_topk(train_cfg.teacher_topk, loss_cfg.name, self.fused, accelerator.num_processes)
         self.pair_ids = [p.get("id", str(i)) for i, p in enumerate(pairs)]
         self.encoded, stats = encode_pairs(pairs, tokenizer, self.spec.rows, max_prompt_length, max_length)
         if accelerator.is_main_process:  # one writer: ranks share the file system
@@ -205,6 +209,13 @@ class Trainer:
         self.teacher = None
         if self.spec.needs_teacher:
             self.teacher = distributed.place_teacher(accelerator, teacher)
+        self.topk = None  # train.teacher_topk: the chosen rows' teacher, cached (teacher_cache.py)
+        if train_cfg.teacher_topk:
+            self.topk = ChosenTopK(
+                Path(topk_dir) if topk_dir is not None else self.stage_dir.parent / "teacher-topk", self.teacher,
+                [item["chosen"] for item in self.encoded], k=train_cfg.teacher_topk,
+                temperature=loss_cfg.temperature, vocab=vocab, pad_id=tokenizer.pad_token_id,
+                batch_rows=2 * train_cfg.batch_size, device=accelerator.device, stage=self.stage_dir.name)
         self.state = {"step": 0, "finished": False, "anchor_chosen": None, "anchor_rejected": None}
         resumed = checkpoint.load_checkpoint(accelerator, self.stage_dir, self.scheduler)
         if resumed is not None:
@@ -222,17 +233,25 @@ class Trainer:
         mine = indices[self.rank * self.cfg.batch_size : (self.rank + 1) * self.cfg.batch_size]
         rows = [self.encoded[i][which] for which in self.spec.rows for i in mine]
         batch = collate(rows, self.tokenizer.pad_token_id).to(self.acc.device)
-        return MicroBatch(len(mine), self.spec.rows, batch)
+        return MicroBatch(len(mine), self.spec.rows, batch, tuple(mine))
 
     def _logits(self, mb: MicroBatch):
         """Student logits (with grad) and teacher logits of the response positions; on the fused
-        path, the rows' hidden states instead (as a HiddenBatch, and None)."""
+        path, the rows' hidden states instead (as a HiddenBatch, and None). With the top-k cache
+        the teacher's part is ``{"chosen": TopKTeacher, "rejected": logits}``: its forward runs on
+        the rejected rows only."""
         forward = response_hidden if self.fused else response_logits
         args = (mb.batch,) if self.fused else (mb.batch, self.vocab)
         with self.acc.autocast():
             student_out = forward(self.student, *args)
         teacher_out = None
-        if self.teacher is not None:
+        if self.topk is not None:
+            teacher_out = {"chosen": self.topk.teacher(list(mb.indices), mb.batch.labels.shape[1], self.acc.device)}
+            if "rejected" in mb.rows:
+                with torch.no_grad():
+                    teacher_out["rejected"] = response_logits(
+                        self.teacher, sub_batch(mb.batch, mb.part("rejected")), self.vocab)
+        elif self.teacher is not None:
             with torch.no_grad():
                 teacher_out = forward(self.teacher, *args)
         if self.fused:
@@ -246,8 +265,7 @@ class Trainer:
             for indices in step_batches:
                 mb = self._micro_batch(indices)
                 s, t = self._logits(mb)
-                gc, gr = (fused_gaps(s, self.student, self.teacher, self.vocab, mb.pairs) if self.fused else
-                          curriculum_gaps(s, t, mb.batch.labels, mb.batch.mask, mb.pairs))
+                gc, gr = self._gaps(mb, s, t)
                 sums += torch.stack([gc.sum(), gr.sum(), torch.tensor(float(mb.pairs), device=sums.device)])
         sums = self.acc.reduce(sums, reduction="sum")
         self.state["anchor_chosen"] = float(sums[0] / sums[2])
@@ -263,15 +281,24 @@ class Trainer:
         return {which: sum(len(self.encoded[i][which].response_ids) for ind in step_batches for i in ind)
                 for which in self.spec.rows}
 
+    def _gaps(self, mb: MicroBatch, student_logits, teacher_logits):
+        """The curriculum's per-pair gaps of chosen and rejected rows."""
+        if self.fused:
+            return fused_gaps(student_logits, self.student, self.teacher, self.vocab, mb.pairs)
+        labels, mask = mb.batch.labels, mb.batch.mask
+        if not isinstance(teacher_logits, dict):
+            return curriculum_gaps(student_logits, teacher_logits, labels, mask, mb.pairs)
+        c, r = mb.part("chosen"), mb.part("rejected")  # the top-k cache: one row kind at a time
+        gc = curriculum_gaps(student_logits[c], teacher_logits["chosen"], labels[c], mask[c], mb.pairs)[0]
+        gr = curriculum_gaps(student_logits[r], teacher_logits["rejected"], labels[r], mask[r], 0)[1]
+        return gc, gr
+
     def _alphas(self, mb: MicroBatch, student_logits, teacher_logits):
         """Per-pair alphas of both row kinds: alpha0, or the curriculum's from round 2."""
         lc = self.loss_cfg
         if not self.curriculum:
             return lc.alpha0, lc.alpha0
-        if self.fused:
-            gc, gr = fused_gaps(student_logits, self.student, self.teacher, self.vocab, mb.pairs)
-        else:
-            gc, gr = curriculum_gaps(student_logits, teacher_logits, mb.batch.labels, mb.batch.mask, mb.pairs)
+        gc, gr = self._gaps(mb, student_logits, teacher_logits)
         bounds = {"alpha0": lc.alpha0, "alpha_min": lc.alpha_min, "alpha_max": lc.alpha_max,
                   "negative_gap": lc.negative_gap}
         device = gc.device
@@ -290,7 +317,10 @@ class Trainer:
         rows = {}
         for which in self.spec.rows:
             part = mb.part(which)
-            teacher = teacher_logits[part] if teacher_logits is not None else None
+            if isinstance(teacher_logits, dict):  # the top-k cache
+                teacher = teacher_logits[which]
+            else:
+                teacher = teacher_logits[part] if teacher_logits is not None else None
             rows[which] = RowInputs(student_logits[part], teacher, mb.batch.mask[part], mb.batch.labels[part],
                                     alphas[which])
         out = pair_loss(self.loss_cfg.name, rows, beta=beta, params=self.params)
