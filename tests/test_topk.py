@@ -266,3 +266,13 @@ def test_losses_the_cache_cannot_serve_are_refused(tiny, tmp_path, loss, why):
         _trainer(tiny, tmp_path / loss, models.load_model(str(tiny / "teacher")), 8, loss=loss)
     with pytest.raises(ConfigError, match="one process, got 2"):
         teacher_cache.check_topk(8, "distillm2", False, 2)
+
+
+def test_compare_shares_the_cache_with_the_methods_it_can_serve(tmp_path):
+    from distillm2.comparison import _method_configs
+    from distillm2.config import CompareConfig
+
+    cfg = load_config(CompareConfig, overrides=["train.teacher_topk=8", "methods=[sft, rkl, kd, distillm2]"])
+    methods = _method_configs(cfg, tmp_path, 0)
+    assert {name: c.train.teacher_topk for name, c in methods.items()} == {"sft": 0, "rkl": 0, "kd": 8,
+                                                                           "distillm2": 8}
