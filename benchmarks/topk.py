@@ -158,7 +158,7 @@ def main() -> None:
     med = {key: {"wall_s": statistics.median(w for w, _ in v), "cpu_s": statistics.median(c for _, c in v)}
            for key, v in timing.items()}
     report = {
-        "setting": {"teacher": "SmolLM2-135M-Instruct", "student": spec["student_dir"], "vocab": vocab,
+        "setting": {"teacher": "SmolLM2-135M-Instruct", "student": "the demo's 16-layer student (bench-step/student)", "vocab": vocab,
                     "pairs": pairs_per_batch * batches, "pairs_per_batch": pairs_per_batch,
                     "chosen_tokens": tokens, "alpha": 0.1, "beta": 0.5, "temperature": 1.0,
                     "chosen": "teacher greedy responses (<= 40 tokens)", "reference": "float32 teacher, exact loss"},
