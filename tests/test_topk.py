@@ -238,7 +238,10 @@ def test_a_stage_resumes_after_an_interruption(tiny, tmp_path, monkeypatch):
 
 
 def test_run_keeps_one_cache_for_all_rounds(tiny, tmp_path):
-    out = run(load_config(RunConfig, base=tiny_config(tiny, tmp_path / "run", **{"train.teacher_topk": 16})))
+    # with an SFT warm-up, which never reads the teacher: the cache is switched off for that stage only
+    out = run(load_config(RunConfig, base=tiny_config(tiny, tmp_path / "run", sft_epochs=1.0,
+                                                      **{"train.teacher_topk": 16})))
+    assert (out / "sft" / "model").exists()
     (key_dir,) = (out / "teacher-topk").iterdir()
     shards = list(key_dir.glob("part-*.pt"))
     assert shards and json.loads((key_dir / "key.json").read_text())["k"] == 16
