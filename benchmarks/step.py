@@ -58,6 +58,7 @@ import sys
 import time
 from pathlib import Path
 
+import step_workers  # noqa: E402 - a sibling script: benchmarks/ is on sys.path
 from step_workers import (  # noqa: E402 - a sibling script: benchmarks/ is on sys.path
     LR,
     MAX_NEW,
@@ -202,6 +203,25 @@ def flop_counts(cfg: dict) -> dict:
             "student_layers": len(STUDENT_LAYERS)}
 
 
+def choose_attention(spec: dict, given: str, rows: int, length: int) -> dict:
+    """Our models' attention: ``given``, or for ``auto`` the faster of sdpa and eager in a bf16
+    forward + backward of the student at the DistiLLM-2 step's shape, measured the way a run with
+    ``models.attn_implementation: auto`` measures it (:func:`distillm2.models.measure_attention`)."""
+    if given != "auto":
+        return {"choice": given, "how": "given by --attn"}
+    import torch
+
+    from distillm2 import models
+
+    student = models.load_model(spec["student_dir"], "float32")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        seconds = models.measure_attention(student, rows, length)
+    del student
+    choice = min(seconds, key=seconds.get)
+    return {"choice": choice, "seconds": seconds, "rows": rows, "length": length,
+            "how": "measured: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in seconds.items())}
+
+
 def step_flops(fc: dict, exec_tokens: int, lm: int, student_only_passes: int = 6, teacher_passes: int = 2) -> float:
     nt = fc["per_layer"] * fc["teacher_layers"]
     ns = fc["per_layer"] * fc["student_layers"]
@@ -272,11 +292,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1 warm-up + 2 steps, 1 repetition, no profile")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--json", default=str(OUT_JSON))
-    ap.add_argument("--attn", help="worker what-if: attention implementation of our models (eager, sdpa)")
+    ap.add_argument("--attn", default="auto",
+                    help="attention implementation of our models: auto (measured at the step's shape, as a "
+                         "run's models.attn_implementation: auto does), eager or sdpa")
     args = ap.parse_args()
     if args.worker:
-        global ATTN
-        ATTN = args.attn
+        step_workers.ATTN = None if args.attn == "auto" else args.attn
         spec = json.loads(Path(args.spec).read_text())
         out = Path(args.out)
         n = args.steps + args.warmup
@@ -308,6 +329,8 @@ def main() -> None:
     tokens = round(statistics.median(lay["exec"] for lay in d2))
     lm = round(statistics.median(lay["lm"] for lay in d2))
     common = ["--spec", str(spec_path), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    attention = choose_attention(spec, args.attn, rows=2 * ROWS, length=round(tokens / (2 * ROWS)))
+    print(f"attention of our models: {attention['choice']} ({attention['how']})", flush=True)
     gemm_args = ["--worker", "gemm", "--tokens", str(tokens), "--lm", str(lm), *common]
     gemms = [run_worker(sys.executable, gemm_args, out_dir / "gemm-0.json")]
     results = {name: [] for name in RUNS}
@@ -317,7 +340,7 @@ def main() -> None:
             if system == "trl":
                 python, wargs = str(trl_python), ["--worker", "trl"]
             else:
-                python, wargs = sys.executable, ["--worker", f"ours-{loss}"]
+                python, wargs = sys.executable, ["--worker", f"ours-{loss}", "--attn", attention["choice"]]
             r = run_worker(python, [*wargs, "--precision", precision, *common], out_dir / f"{name}-{rep}.json")
             results[name].append(r)
             print(f"  {name} rep {rep + 1}: median {statistics.median(r['times'][args.warmup:]):.2f} s/step, "
@@ -385,7 +408,8 @@ def main() -> None:
 
     result = {
         "benchmark": "one training step: TRL GKDTrainer vs distillm2 (issue #11 item 1)",
-        "command": "python benchmarks/step.py" + (" --quick" if args.quick else ""),
+        "command": "python benchmarks/step.py" + (" --quick" if args.quick else "")
+                   + (f" --attn {args.attn}" if args.attn != "auto" else ""),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "python": platform.python_version()},
         "loadavg": {"start": load_start, "end": os.getloadavg()},
@@ -403,7 +427,7 @@ def main() -> None:
                                     "metrics.jsonl; end-of-stage checkpoint skipped",
                   "flops": "2 N_teacher + 6 N_student per executed token (padding included), lm_head only at "
                            "logit positions (TRL: every position), attention scores not counted",
-                  "flop_counts": fc},
+                  "flop_counts": fc, "attention": attention},
         "runs": table,
         "gemm": {"tokens": tokens, "lm_positions": lm, "ceiling_gflops_mix": ceiling_mix,
                  "ceiling_gflops_max": ceiling_max, "ceiling_used": "FLOP-weighted mix of the step's GEMM shapes",

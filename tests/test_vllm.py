@@ -55,6 +55,12 @@ def test_round_with_the_in_process_vllm_engine(tiny_v, tmp_path):
         assert all(0 <= r["num_tokens"] <= 6 and r["finish_reason"] in ("stop", "length") for r in rows)
     assert (out / "round-1" / "model").exists() and (out / "final" / "config.json").exists()
     assert not (out / "round-1" / ".student-export").exists()
+    # every engine started for the run (teacher, student) is shut down and reaped: no child
+    # process is left, running or zombie, but multiprocessing's own resource tracker
+    children = [int(p) for p in open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split()]
+    left = [open(f"/proc/{c}/stat").read() for c in children
+            if b"resource_tracker" not in open(f"/proc/{c}/cmdline", "rb").read()]
+    assert left == []
     # resume: a rerun samples nothing (no engine is started) and changes nothing
     before = (out / "round-1" / "student.jsonl").read_text()
     tok = load_tokenizer(str(tiny_v / "tok"))

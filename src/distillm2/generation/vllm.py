@@ -15,6 +15,7 @@ distribution. Rows are appended every ``chunk`` prompts, so a crash loses at mos
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import os
 from pathlib import Path
 
@@ -64,6 +65,9 @@ def stop_engine(llm) -> None:
         core.shutdown()
     del llm
     gc.collect()
+    # The engine core is a child process that has exited by now; joining finished children
+    # reaps it, so a run of many rounds does not collect one zombie process per round.
+    multiprocessing.active_children()
 
 
 def sampling_params(vllm, *, greedy: bool, temperature: float, top_p: float, max_new_tokens: int, seed: int,
