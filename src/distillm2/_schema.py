@@ -140,9 +140,16 @@ def _check(cfg) -> None:
     train = getattr(cfg, "train", None)
     if train is not None and (train.batch_size < 1 or train.grad_accum < 1):
         raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
-    if train is not None and getattr(train, "teacher_topk", 0) < 0:
-        raise ConfigError(f"train.teacher_topk must be >= 0 (0: exact teacher logits), got {train.teacher_topk}")
-    if train is not None and getattr(train, "teacher_topk", 0) and getattr(train, "fused_loss", False):
+    if train is not None and hasattr(train, "teacher_topk"):
+        check_topk_setting(train.teacher_topk, train.fused_loss)
+
+
+def check_topk_setting(k: int, fused: bool) -> None:
+    """``train.teacher_topk`` on its own and against ``train.fused_loss`` (at load time, and again
+    by the Trainer for configs built in code)."""
+    if k < 0:
+        raise ConfigError(f"train.teacher_topk must be >= 0 (0: exact teacher logits), got {k}")
+    if k and fused:
         raise ConfigError("train.teacher_topk cannot be combined with train.fused_loss (the fused path never forms "
                           "the teacher's logits); set one of them")
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from distillm2._schema import check_topk_setting
 from distillm2._topk import TopKTeacher, topk_of_logits
 from distillm2.data import EncodedRow, collate
 from distillm2.errors import ConfigError
@@ -41,16 +42,12 @@ SHARD_TOKENS = 2**16  # response positions per shard: the unit of work a kill ca
 
 def check_topk(k: int, loss: str, fused: bool, processes: int) -> None:
     """Refuse ``train.teacher_topk = k`` where it cannot apply, naming the key and the reason."""
-    if k < 0:
-        raise ConfigError(f"train.teacher_topk must be >= 0 (0: exact teacher logits), got {k}")
+    check_topk_setting(k, fused)
     if not k:
         return
     why = topk_unsupported(loss)
     if why:
         raise ConfigError(f"train.teacher_topk: {why}; set train.teacher_topk: 0")
-    if fused:
-        raise ConfigError("train.teacher_topk cannot be combined with train.fused_loss (the fused path never forms "
-                          "the teacher's logits); set one of them")
     if processes > 1:
         raise ConfigError(f"train.teacher_topk needs one process, got {processes}: the cache is built by one "
                           "teacher forward outside the engine; set train.teacher_topk: 0 to run distributed")
