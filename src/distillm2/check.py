@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from distillm2 import models
+from distillm2 import models, vision
 from distillm2.config import RunConfig
 from distillm2.data import load_prompts
 from distillm2.errors import ConfigError, UserError
@@ -62,17 +62,20 @@ def _model_config(name: str):
 
 
 def _meta_model(config):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    auto = AutoModelForImageTextToText if vision.is_vision_config(config) else AutoModelForCausalLM
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return auto.from_config(config)
 
 
-def _lora_params(model, r: int) -> int:
-    """LoRA parameters on every linear layer but the output head: r x (in + out) each."""
+def _lora_params(model, r: int, frozen=None) -> int:
+    """LoRA parameters on every linear layer but the output head (and a frozen vision tower's):
+    r x (in + out) each."""
     head = model.get_output_embeddings()
+    skip = {id(m) for m in frozen.modules()} if frozen is not None else set()
     return sum(r * (m.in_features + m.out_features) for m in model.modules()
-               if isinstance(m, torch.nn.Linear) and m is not head)
+               if isinstance(m, torch.nn.Linear) and m is not head and id(m) not in skip)
 
 
 def plan_run(cfg: RunConfig, processes: int = 1, engine: str = "ddp", device_gib: float | None = None) -> Plan:
@@ -100,8 +103,9 @@ def plan_run(cfg: RunConfig, processes: int = 1, engine: str = "ddp", device_gib
             student_cfg = _model_config(mc.student)
         else:
             student_cfg = teacher_cfg.__class__(**teacher_cfg.to_dict())
-            layers = mc.student_layers or list(range(mc.student_num_layers or teacher_cfg.num_hidden_layers // 2))
-            student_cfg.num_hidden_layers = len(layers)
+            total = vision.text_config(teacher_cfg).num_hidden_layers  # a VLM's language model's
+            layers = mc.student_layers or list(range(mc.student_num_layers or total // 2))
+            vision.text_config(student_cfg).num_hidden_layers = len(layers)
     except Exception as err:  # noqa: BLE001
         plan.unchecked.append(f"student {mc.student}: {type(err).__name__}: {str(err)[:160]}")
         return plan
@@ -109,7 +113,9 @@ def plan_run(cfg: RunConfig, processes: int = 1, engine: str = "ddp", device_gib
     teacher, student = _meta_model(teacher_cfg), _meta_model(student_cfg)
     p_teacher = sum(p.numel() for p in teacher.parameters())
     p_student = sum(p.numel() for p in student.parameters())
-    trainable = _lora_params(student, mc.lora_r) if mc.lora else p_student
+    tower = vision.vision_tower(student) if mc.freeze_vision_tower else None
+    frozen = sum(p.numel() for p in tower.parameters()) if tower is not None else 0
+    trainable = _lora_params(student, mc.lora_r, tower) if mc.lora else p_student - frozen
     plan.params = {"teacher": p_teacher, "student": p_student, "trainable": trainable}
 
     shard = processes if engine in ("fsdp", "zero3") else 1
@@ -122,11 +128,12 @@ def plan_run(cfg: RunConfig, processes: int = 1, engine: str = "ddp", device_gib
     m["optimizer"] = optimizer_states * trainable * w_student / shard / GIB
     rows = tc.batch_size * len(LOSSES[cfg.loss.name].rows)
     tokens = rows * cfg.data.max_length
-    hidden, layers = student_cfg.hidden_size, student_cfg.num_hidden_layers
+    text = vision.text_config(student_cfg)  # activations and logits: the language model's
+    hidden, layers = text.hidden_size, text.num_hidden_layers
     act = 2 if tc.mixed_precision != "no" or mc.dtype != "float32" else 4
     per_token_layer = act if tc.gradient_checkpointing else 17 * act  # 34 bytes in 16-bit
     m["activations"] = tokens * hidden * layers * per_token_layer / GIB
-    vocab = student_cfg.vocab_size
+    vocab = text.vocab_size
     response = max(cfg.data.max_length - cfg.data.max_prompt_length, cfg.data.max_length // 2)
     logits = rows * response * vocab
     m["logits"] = (2 * logits * act + logits * BYTES[mc.teacher_dtype]) / GIB

@@ -55,6 +55,8 @@ class ModelsConfig:
         None, "quantisation recovery: the initial student's linear weights rounded to this many bits (weight-only, "
         "absmax per group, stored dequantized); train it with models.lora against the full-precision teacher")
     student_quantization_group: int = opt(64, "columns per quantisation scale")
+    freeze_vision_tower: bool = opt(True, "vision-language students: the vision tower is not trained (no gradient, no "
+                                    "optimiser state, no LoRA adapters); the projector and language model are")
     lora: bool = opt(False, "train LoRA adapters instead of all weights")
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: int = opt(128, "LoRA alpha (the released recipe's 128)")

@@ -9,6 +9,10 @@ a response was sampled from is exactly the text it is trained on. Training rows 
 response tokens and the end-of-turn token (only when the response ended on its own; a response
 cut by ``max_new_tokens`` gets no end token, so the student is never taught to stop mid-sentence).
 Labels are the response tokens only.
+
+Image prompts (chat contents with image parts) take the same path through the processor of a
+vision-language model (:mod:`distillm2.vision`): their ids hash the image bytes, and their rows
+carry the images, loaded into pixel tensors when a batch is collated.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from distillm2 import vision
 from distillm2.demo_prompts import demo_instructions
 from distillm2.errors import DataError, MissingExtra
 from distillm2.files import read_jsonl
@@ -29,11 +34,12 @@ from distillm2.files import read_jsonl
 
 
 def prompt_id(prompt) -> str:
-    """Stable id of a prompt (a string or a messages list): 16 hex digits of its SHA-1."""
+    """Stable id of a prompt (a string or a messages list): 16 hex digits of its SHA-1. An image
+    part counts by the hash of its bytes (:func:`vision.canonical_content`), not its location."""
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
     canonical = json.dumps(
-        [{"role": m["role"], "content": m["content"]} for m in prompt],
+        [{"role": m["role"], "content": vision.canonical_content(m["content"])} for m in prompt],
         ensure_ascii=False, sort_keys=True, separators=(",", ":"),
     )
     return hashlib.sha1(canonical.encode("utf-8")).hexdigest()[:16]
@@ -78,22 +84,25 @@ def selfinst_prompts() -> list[dict]:
 _AUTO_FIELDS = ("messages", "prompt", "instruction", "question", "input", "text")
 
 
-def to_messages(value, where: str) -> list[dict]:
+def to_messages(value, where: str, base: Path | None = None) -> list[dict]:
     """A prompt (a string or a messages list) as messages; a trailing assistant turn is dropped
-    (:func:`final_answer` reads it)."""
+    (:func:`final_answer` reads it). A content may be a list of text and image parts
+    (:func:`vision.parse_content`; relative image paths resolve against ``base``)."""
     if isinstance(value, str):
         if not value.strip():
             raise DataError(f"{where}: empty prompt")
         return [{"role": "user", "content": value}]
     if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
         for i, m in enumerate(value):
-            if "role" not in m or "content" not in m or not isinstance(m["content"], str):
-                raise DataError(f"{where}: message {i} needs string 'role' and 'content'")
-        messages = [{"role": m["role"], "content": m["content"]} for m in value]
+            if "role" not in m or "content" not in m or not isinstance(m["content"], (str, list)):
+                raise DataError(f"{where}: message {i} needs string 'role' and 'content' (a string or a list of parts)")
         # A conversation that ends with the assistant's answer: the prompt is what precedes it.
-        while messages and messages[-1]["role"] == "assistant":
-            messages.pop()
-        if not messages or not any(m["content"].strip() for m in messages if m["role"] == "user"):
+        end = len(value)
+        while end and value[end - 1]["role"] == "assistant":
+            end -= 1
+        messages = [{"role": m["role"], "content": vision.parse_content(m["content"], f"{where}: message {i}", base)}
+                    for i, m in enumerate(value[:end])]
+        if not messages or not any(vision.has_text(m["content"]) for m in messages if m["role"] == "user"):
             raise DataError(f"{where}: empty prompt (no user message with content)")
         return messages
     raise DataError(
@@ -109,7 +118,8 @@ def final_answer(value) -> str | None:
     return None
 
 
-def _records_from_rows(rows, source: str, fld: str | None, response_field: str | None = None) -> list[dict]:
+def _records_from_rows(rows, source: str, fld: str | None, response_field: str | None = None,
+                       base: Path | None = None) -> list[dict]:
     if not rows:
         raise DataError(f"{source}: no rows")
     if fld is None:
@@ -124,7 +134,7 @@ def _records_from_rows(rows, source: str, fld: str | None, response_field: str |
         where = f"{source}:{number}"
         if fld not in row:
             raise DataError(f"{where}: missing field {fld!r} (row has keys: {', '.join(row)})")
-        messages = to_messages(row[fld], where)
+        messages = to_messages(row[fld], where, base)
         pid = prompt_id(messages)
         if pid in seen:
             continue  # the same prompt twice: one id, one record
@@ -174,6 +184,8 @@ def load_prompts(source: str, field: str | None = None, limit: int | None = None
       revision, data_files, streaming; see :func:`load_hf_rows`).
     ``columns`` renames columns first. Duplicate prompts are kept once. ``limit`` keeps the first n. A ground-truth ``response`` is
     kept from ``response_field`` or from a messages list that ends with the assistant's turn.
+    Image parts of messages are read (paths relative to the file's directory; for ``hf:`` the
+    working directory) and hashed into the ids (:mod:`distillm2.vision`).
     """
     if source.startswith("demo"):
         split = source.split(":", 1)[1] if ":" in source else "train"
@@ -187,7 +199,8 @@ def load_prompts(source: str, field: str | None = None, limit: int | None = None
         path = Path(source)
         if not path.exists():
             raise DataError(f"prompt file not found: {path}")
-        found = _records_from_rows(_rename(read_table(path), columns), str(path), field, response_field)
+        found = _records_from_rows(_rename(read_table(path), columns), str(path), field, response_field,
+                                   base=path.resolve().parent)
     return found[:limit] if limit else found
 
 
@@ -239,10 +252,13 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     if cached is not None:
         return cached
     ids = []
-    if getattr(tokenizer, "chat_template", None):
+    processor = vision.processor_of(tokenizer)  # a VLM's template is its processor's
+    template = processor if processor is not None and getattr(processor, "chat_template", None) else tokenizer
+    if getattr(template, "chat_template", None):
+        conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARK}]
         try:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
-                                                  {"role": "assistant", "content": _MARK}], tokenize=False)
+            text = (vision.render(processor, conversation, add_generation_prompt=False) if template is processor
+                    else tokenizer.apply_chat_template(conversation, tokenize=False))
         except Exception:  # noqa: BLE001 - a template that cannot render a reply: fall back to eos
             text = ""
         if _MARK in text:
@@ -258,12 +274,31 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     return ids
 
 
-def prompt_token_ids(tokenizer, messages: list[dict], max_prompt_length: int | None = None) -> list[int]:
+def prompt_inputs(tokenizer, messages: list[dict], max_prompt_length: int | None = None
+                  ) -> tuple[list[int], vision.PromptImages | None]:
     """The one prompt path: rendered, tokenised without added special tokens (the template has
     them), truncated to the last ``max_prompt_length`` tokens (the generation prompt is at the
-    end). Every caller that shows a prompt to a model uses this."""
+    end); with the prompt's images (None for text). Every caller that shows a prompt to a model
+    uses this, or :func:`prompt_token_ids`. A VLM's tokenizer carries its processor: its prompts
+    go through :func:`vision.prompt_inputs` (images expanded into image tokens, never cut)."""
+    processor = vision.processor_of(tokenizer)
+    if processor is not None:
+        return vision.prompt_inputs(processor, messages, max_prompt_length)
+    if vision.has_images(messages):
+        raise DataError(f"an image prompt ({vision.image_parts(messages)[0].get('path') or 'URL'}) reached a model "
+                        "that is not a vision-language model (it has no image processor)")
     ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
-    return ids[-max_prompt_length:] if max_prompt_length else ids
+    return (ids[-max_prompt_length:] if max_prompt_length else ids), None
+
+
+def prompt_token_ids(tokenizer, messages: list[dict], max_prompt_length: int | None = None) -> list[int]:
+    """:func:`prompt_inputs` for the paths that take text only (vLLM, servers, judges,
+    speculative decoding, interleaved sampling): an image prompt is an error there, never a
+    prompt whose image is silently dropped."""
+    if vision.has_images(messages):
+        raise DataError("this step takes text prompts only and the prompt has images: image prompts run with "
+                        "generation.backend hf, the default training loop and the rouge / kl / self evaluations")
+    return prompt_inputs(tokenizer, messages, max_prompt_length)[0]
 
 
 # Tokenisation and collation ---------------------------------------------------------------------
@@ -275,6 +310,7 @@ class EncodedRow:
 
     prompt_ids: list[int]
     response_ids: list[int]  # response tokens (+ end-of-turn token when it finished)
+    images: vision.PromptImages | None = None  # an image prompt's images, loaded at collation
 
 
 @dataclass
@@ -295,13 +331,15 @@ def encode(tokenizer, messages, response: str, finished: bool, max_prompt_length
            max_length: int, stats: TruncationStats | None = None) -> EncodedRow:
     """Token ids of prompt and response, truncated (and counted in ``stats``): the prompt keeps its
     last ``max_prompt_length`` tokens, the response is cut so that the row fits ``max_length``."""
-    prompt_ids = prompt_token_ids(tokenizer, messages)
+    prompt_ids, images = prompt_inputs(tokenizer, messages)
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] if response else []
     if finished:
         response_ids = response_ids + end_of_turn_ids(tokenizer)[:1]
     if stats is not None:
         stats.rows += 1
     if len(prompt_ids) > max_prompt_length:
+        if images is not None:
+            raise DataError(vision.too_long(prompt_ids, max_prompt_length, images.parts))
         prompt_ids = prompt_ids[-max_prompt_length:]
         if stats is not None:
             stats.prompts += 1
@@ -310,7 +348,7 @@ def encode(tokenizer, messages, response: str, finished: bool, max_prompt_length
         response_ids = response_ids[:room]
         if stats is not None:
             stats.responses += 1
-    return EncodedRow(prompt_ids, response_ids)
+    return EncodedRow(prompt_ids, response_ids, images)
 
 
 def encode_pairs(pairs: list[dict], tokenizer, rows: tuple[str, ...], max_prompt_length: int,
@@ -342,6 +380,9 @@ class Batch:
 
     input_ids, attention_mask, position_ids: ``[R, P + L]``; labels, mask: ``[R, L]``;
     ``keep``: the ``[L]`` positions (P - 1 ... P + L - 2) whose logits predict the response.
+    ``images``: per row, an image prompt's image inputs (``{"pixel_values": [n, C, H, W], ...}``)
+    or None; empty for text batches. An image's tokens sit inside its row's prompt, so ``keep``
+    is the same as for text (:func:`vision.batch_inputs` joins the rows' tensors for a forward).
     """
 
     input_ids: torch.Tensor
@@ -350,11 +391,13 @@ class Batch:
     labels: torch.Tensor
     mask: torch.Tensor
     keep: torch.Tensor
+    images: list[dict[str, torch.Tensor] | None] = field(default_factory=list)
 
     def to(self, device) -> Batch:
         """Move every tensor to ``device`` (in place); returns self."""
         for name in ("input_ids", "attention_mask", "position_ids", "labels", "mask", "keep"):
             setattr(self, name, getattr(self, name).to(device))
+        self.images = [None if r is None else {k: v.to(device) for k, v in r.items()} for r in self.images]
         return self
 
     @property
@@ -366,7 +409,7 @@ class Batch:
 def sub_batch(batch: Batch, rows: slice) -> Batch:
     """The rows ``rows`` of ``batch``, with the same columns (and so the same ``keep``)."""
     return Batch(batch.input_ids[rows], batch.attention_mask[rows], batch.position_ids[rows], batch.labels[rows],
-                 batch.mask[rows], batch.keep)
+                 batch.mask[rows], batch.keep, batch.images[rows])
 
 
 def collate(rows: list[EncodedRow], pad_id: int) -> Batch:
@@ -390,4 +433,6 @@ def collate(rows: list[EncodedRow], pad_id: int) -> Batch:
     # RoPE positions count real tokens only, as in left-padded generation.
     position_ids = (attn.cumsum(-1) - 1).clamp_min(0)
     keep = torch.arange(p - 1, p - 1 + resp)
-    return Batch(ids, attn, position_ids, labels, mask, keep)
+    images = [None if r.images is None else r.images.tensors(r.prompt_ids) for r in rows] \
+        if any(r.images is not None for r in rows) else []
+    return Batch(ids, attn, position_ids, labels, mask, keep, images)

@@ -22,6 +22,7 @@ import os
 
 import torch
 
+from distillm2 import vision
 from distillm2.config import TrainConfig
 from distillm2.errors import NonFiniteError
 from distillm2.files import atomic_dir
@@ -214,5 +215,5 @@ def save_trained(accelerator, model, target, tokenizer=None) -> None:
         with atomic_dir(target) as tmp:
             accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
             if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
+                vision.save_tokenizer(tokenizer, tmp)  # with a VLM's processor
     accelerator.wait_for_everyone()

@@ -19,6 +19,13 @@ from pathlib import Path
 from distillm2.errors import DataError
 
 
+def cache_dir() -> Path:
+    """Where converted models, measurements and fetched images are cached: ``$DISTILLM2_CACHE``
+    or ``~/.cache/distillm2``."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "distillm2"
+    return Path(os.environ.get("DISTILLM2_CACHE", default))
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """Every line of a JSONL file as a dict; a malformed line is an error naming file and line."""
     path = Path(path)

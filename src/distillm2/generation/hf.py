@@ -4,6 +4,8 @@ Every rank reads what is already done (all part files), takes every n-th unfinis
 global plan and appends its rows to its own part file. A model whose parameters an engine shards
 (DeepSpeed ZeRO-3, FSDP) runs in lockstep: every rank makes the same number of ``generate``
 calls (a rank without a batch left repeats one and discards it) with ``synced_gpus=True``.
+Image prompts (a vision-language model) pass their image inputs with the batch; the image
+tokens are part of each left-padded prompt, so the new tokens start where they do for text.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from distillm2.data import end_of_turn_ids, prompt_token_ids
+from distillm2 import vision
+from distillm2.data import end_of_turn_ids, prompt_inputs
 from distillm2.errors import ConfigError
 from distillm2.faults import maybe_crash
 from distillm2.files import append_jsonl
@@ -54,6 +57,12 @@ def eos_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+def _pixels(prompt: tuple, device) -> dict | None:
+    """An encoded prompt's image inputs on ``device`` (None for a text prompt)."""
+    ids, images = prompt
+    return None if images is None else {k: v.to(device) for k, v in images.tensors(ids).items()}
+
+
 @torch.no_grad()
 def generate_hf(model, tokenizer, prompts: list[dict], output: str | Path, *, max_new_tokens=256,
                 temperature=0.8, top_p=0.95, greedy=False, batch_size=16, seed=42,
@@ -73,7 +82,8 @@ def generate_hf(model, tokenizer, prompts: list[dict], output: str | Path, *, ma
     if done is None:
         done = done_rows(all_paths(output, world_size))
     done = dict(done)
-    tokenized = [prompt_token_ids(tokenizer, p["messages"], max_prompt_length) for p in prompts]
+    encoded = [prompt_inputs(tokenizer, p["messages"], max_prompt_length) for p in prompts]
+    tokenized = [ids for ids, _ in encoded]
     plan = plan_batches(tokenized, batch_size)
     todo = [b for b, idx in enumerate(plan) if any(prompts[i]["id"] not in done for i in idx)]
     mine = todo[rank::world_size]
@@ -100,9 +110,10 @@ def generate_hf(model, tokenizer, prompts: list[dict], output: str | Path, *, ma
             for row, i in enumerate(idx):  # left padding: every prompt ends at the last column
                 ids[row, length - len(tokenized[i]):] = torch.tensor(tokenized[i])
                 attn[row, length - len(tokenized[i]):] = 1
+            images = vision.batch_inputs(model, [_pixels(encoded[i], device) for i in idx])
             # One seed per batch of the global plan: resuming at batch b samples what b would have.
             torch.manual_seed(batch_seed(seed, b))
-            out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+            out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **images,
                                  max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=stop_ids,
                                  **decoding)
             if not real:
