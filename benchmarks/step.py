@@ -24,7 +24,7 @@ Set-up (cached under ``$DISTILLM2_CACHE``, default ``~/.cache/distillm2``):
 Runs, each in its own subprocess (peak RSS = VmHWM of /proc/self/status after the last step):
 ``trl-gkd-{fp32,bf16}`` (GKDTrainer, beta 0.5, lmbda 0, seq_kd False; TRL's collator on the ids;
 ``trainer.training_step`` + clip + optimizer/scheduler step + zero_grad as its inner loop does),
-``ours-gkd-{fp32,bf16}`` (Trainer.fit's step replicated with the library calls: ``pair_loss("gkd")``
+``ours-gkd-{fp32,bf16}`` (Trainer.fit's step replicated with the library calls: ``stacked_pair_loss("gkd")``
 needs a chosen and a rejected row kind, so the 8 rows are passed as 4 + 4) and
 ``ours-distillm2-bf16`` (``distillm2.train.Trainer.fit`` itself; its per-step ``step_s``). bf16 =
 autocast of the fp32-weight student plus, on our side, bf16 teacher weights (the project's
@@ -421,7 +421,7 @@ def main() -> None:
                   "reps": args.reps, "order": RUNS, "lr": LR,
                   "trl": "GKDTrainer beta 0.5 lmbda 0 seq_kd False; training_step + clip + optimizer/scheduler step "
                          "+ zero_grad on DataCollatorForChatML batches of the same ids",
-                  "ours_gkd": "Trainer.fit step replicated with collate/response_logits/pair_loss('gkd', 4+4 rows, "
+                  "ours_gkd": "Trainer.fit step replicated with collate/response_logits/stacked_pair_loss('gkd', 4+4 rows, "
                               "jsd_beta 0.5)/accelerator.backward/distributed.grad_norm/fused AdamW",
                   "ours_distillm2": "distillm2.train.Trainer.fit (loss distillm2, alpha 0.1, beta 0.5), step_s of "
                                     "metrics.jsonl; end-of-stage checkpoint skipped",

@@ -154,7 +154,7 @@ def worker_ours_gkd(spec: dict, precision: str, steps: int, out: Path) -> None:
     from distillm2 import distributed
     from distillm2.config import TrainConfig
     from distillm2.data import EncodedRow, collate
-    from distillm2.losses import LossParams, RowInputs, pair_loss
+    from distillm2.losses import LossParams, stacked_pair_loss
     from distillm2.models import response_logits
     from distillm2.train import lr_factor, make_optimizer
 
@@ -181,8 +181,7 @@ def worker_ours_gkd(spec: dict, precision: str, steps: int, out: Path) -> None:
         with torch.no_grad():
             t = response_logits(teacher, batch, vocab)
         parts = {"chosen": slice(0, half), "rejected": slice(half, ROWS)}
-        out_loss = pair_loss("gkd", {w: RowInputs(s[sl], t[sl], batch.mask[sl], batch.labels[sl], 0.1)
-                                     for w, sl in parts.items()}, params=params)
+        out_loss = stacked_pair_loss("gkd", s, t, batch.mask, parts, labels=batch.labels, params=params)
         loss = out_loss.per_pair.sum() / half * scale
         acc.backward(loss)
         distributed.grad_norm(acc, student, cfg.max_grad_norm)
@@ -354,7 +353,7 @@ def worker_profile(spec: dict, out: Path, vocab: int = 49152) -> None:
 
     train_mod.response_logits = logits
     train_mod.collate = label("collate", train_mod.collate)
-    train_mod.pair_loss = label("loss_forward", train_mod.pair_loss)
+    train_mod.stacked_pair_loss = label("loss_forward", train_mod.stacked_pair_loss)
     dist_mod.grad_norm = label("clip", dist_mod.grad_norm)
     acc.backward = label("backward", acc.backward)
     trainer.optimizer.step = label("optimizer", trainer.optimizer.step)

@@ -72,47 +72,55 @@ def per_sequence(param, batch: int, device) -> Tensor | None:
     return torch.full((batch,), float(param), device=device)
 
 
-def _run(kernel, student, teacher, rows_b, rows_t, row_param, inv_temp, is_labels, need_grad):
-    """Apply ``kernel`` to the selected rows chunk by chunk. Returns values ``[B, T]`` float32 and
+def _run(groups, student, teacher, covered, inv_temp, is_labels, need_grad):
+    """Apply each group's kernel to its selected rows chunk by chunk. ``groups``: (kernel, rows_b,
+    rows_t, row_param) with the positions it owns and a float32 ``[B]`` parameter or None;
+    ``covered`` ``[B, T]`` is the union of their positions. Returns values ``[B, T]`` float32 and
     the gradient w.r.t. ``student`` (its shape and dtype) or None."""
     batch, length, vocab = student.shape
     out = torch.zeros((batch, length), dtype=torch.float32, device=student.device)
-    grad = torch.zeros_like(student, memory_format=torch.contiguous_format) if need_grad else None
-    if is_labels and rows_b.numel():
-        picked = teacher[rows_b, rows_t]
-        if int(picked.min()) < 0 or int(picked.max()) >= vocab:
-            raise ValueError(
-                f"labels at masked positions must lie in [0, {vocab}), got values in "
-                f"[{int(picked.min())}, {int(picked.max())}]"
-            )
+    grad = None
+    if need_grad:
+        # Uninitialised, and zeros only where no kernel writes (padding): zero-filling the whole
+        # [B, T, V] buffer first was a full extra pass over it (and its fresh pages) every step.
+        grad = torch.empty_like(student, memory_format=torch.contiguous_format)
+        free_b, free_t = (~covered).nonzero(as_tuple=True)
+        if free_b.numel():
+            grad[free_b, free_t] = 0
     step = _chunk_rows(student.device, vocab)
-    for start in range(0, rows_b.numel(), step):
-        bi, ti = rows_b[start : start + step], rows_t[start : start + step]
-        # Advanced indexing copies, so the in-place scaling never touches the caller's tensors.
-        s = student[bi, ti].float()
-        if inv_temp != 1.0:
-            s.mul_(inv_temp)
-        t = teacher[bi, ti]
-        if not is_labels:
-            t = t.float()
+    for kernel, rows_b, rows_t, row_param in groups:
+        if is_labels and rows_b.numel():
+            picked = teacher[rows_b, rows_t]
+            if int(picked.min()) < 0 or int(picked.max()) >= vocab:
+                raise ValueError(
+                    f"labels at masked positions must lie in [0, {vocab}), got values in "
+                    f"[{int(picked.min())}, {int(picked.max())}]"
+                )
+        for start in range(0, rows_b.numel(), step):
+            bi, ti = rows_b[start : start + step], rows_t[start : start + step]
+            # Advanced indexing copies, so the in-place scaling never touches the caller's tensors.
+            s = student[bi, ti].float()
             if inv_temp != 1.0:
-                t.mul_(inv_temp)
-        a = None if row_param is None else row_param[bi][:, None]
-        value, g = kernel(s, t, a, need_grad)
-        out[bi, ti] = value
-        if need_grad:
-            if inv_temp != 1.0:
-                g.mul_(inv_temp)  # d/dz = (1 / tau) d/ds with s = z / tau
-            grad[bi, ti] = g.to(grad.dtype)
+                s.mul_(inv_temp)
+            t = teacher[bi, ti]
+            if not is_labels:
+                t = t.float()
+                if inv_temp != 1.0:
+                    t.mul_(inv_temp)
+            a = None if row_param is None else row_param[bi][:, None]
+            value, g = kernel(s, t, a, need_grad)
+            out[bi, ti] = value
+            if need_grad:
+                if inv_temp != 1.0:
+                    g.mul_(inv_temp)  # d/dz = (1 / tau) d/ds with s = z / tau
+                grad[bi, ti] = g.to(grad.dtype)
     return out, grad
 
 
 class _ChunkedDivergence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, rows_b, rows_t, row_param, kernel, inv_temp, is_labels):
-        out, grad = _run(
-            kernel, student, teacher, rows_b, rows_t, row_param, inv_temp, is_labels, True
-        )
+    def forward(ctx, student, teacher, covered, groups, inv_temp, is_labels):
+        out, grad = _run(groups, student, teacher, covered, inv_temp, is_labels, True)
         ctx.save_for_backward(grad)
         return out
 
@@ -129,7 +137,46 @@ class _ChunkedDivergence(torch.autograd.Function):
         step = _chunk_rows(grad.device, grad.shape[-1])
         for start in range(0, flat.shape[0], step):
             flat[start : start + step].mul_(scale[start : start + step])
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None
+
+
+def grouped_divergence(
+    student: Tensor, teacher: Tensor, mask: Tensor, groups: list[tuple[Kernel, slice, object]], temperature: float
+) -> Tensor:
+    """Per-token values ``[B, T]`` (float32, zero off the mask) with a kernel per group of rows.
+
+    ``groups``: (kernel, rows, param), ``rows`` a slice of the batch dimension (disjoint), ``param``
+    a float, a tensor over those rows or None; positions outside every group get value and
+    gradient 0. One pass writes one gradient buffer for the whole batch, so the row kinds of a
+    micro-batch (DistiLLM-2's chosen and rejected rows, one student forward) need no slicing of
+    the logits, whose backward would allocate and zero a ``[B, T, V]`` buffer per row kind.
+    ``teacher`` is logits ``[B, T, V]`` or integer labels ``[B, T]`` (then for every group).
+    Differentiable with respect to ``student`` only.
+    """
+    is_labels = not teacher.is_floating_point()
+    mask = _validate(student, teacher, mask, is_labels)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    batch = student.shape[0]
+    covered = torch.zeros_like(mask)
+    prepared, taken = [], []
+    for kernel, rows, param in groups:
+        start, stop, _ = rows.indices(batch)
+        if any(max(start, lo) < min(stop, hi) for lo, hi in taken):
+            raise ValueError(f"row groups overlap: rows {start}:{stop} and {taken}")
+        taken.append((start, stop))
+        covered[start:stop] = mask[start:stop]
+        rows_b, rows_t = mask[start:stop].nonzero(as_tuple=True)
+        row_param = per_sequence(param, stop - start, student.device)
+        if row_param is not None:  # indexed by the batch row
+            row_param = torch.cat([row_param.new_zeros(start), row_param, row_param.new_zeros(batch - stop)])
+        prepared.append((kernel, rows_b + start, rows_t, row_param))
+    teacher = teacher.detach()
+    inv_temp = 1.0 / float(temperature)
+    if student.requires_grad and torch.is_grad_enabled():
+        return _ChunkedDivergence.apply(student, teacher, covered, prepared, inv_temp, is_labels)
+    out, _ = _run(prepared, student, teacher, covered, inv_temp, is_labels, False)
+    return out
 
 
 def chunked_divergence(
@@ -140,17 +187,4 @@ def chunked_divergence(
     ``teacher`` is logits ``[B, T, V]`` or integer labels ``[B, T]``; ``param`` a float, a ``[B]``
     tensor or None. Differentiable with respect to ``student`` only.
     """
-    is_labels = not teacher.is_floating_point()
-    mask = _validate(student, teacher, mask, is_labels)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    rows_b, rows_t = mask.nonzero(as_tuple=True)
-    row_param = per_sequence(param, student.shape[0], student.device)
-    teacher = teacher.detach()
-    inv_temp = 1.0 / float(temperature)
-    if student.requires_grad and torch.is_grad_enabled():
-        return _ChunkedDivergence.apply(
-            student, teacher, rows_b, rows_t, row_param, kernel, inv_temp, is_labels
-        )
-    out, _ = _run(kernel, student, teacher, rows_b, rows_t, row_param, inv_temp, is_labels, False)
-    return out
+    return grouped_divergence(student, teacher, mask, [(kernel, slice(None), param)], temperature)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from distillm2 import _kernels as K
-from distillm2._chunks import chunked_divergence
+from distillm2._chunks import chunked_divergence, grouped_divergence
 from distillm2._topk import TopKTeacher, coarse_pair
 from distillm2.schedules import BETA_SCHEDULES, adaptive_alpha, beta_schedule
 
@@ -51,6 +51,7 @@ __all__ = [
     "LossParams",
     "TopKTeacher",
     "pair_loss",
+    "stacked_pair_loss",
     "curriculum_gaps",
     "adaptive_alpha",
     "beta_schedule",
@@ -362,34 +363,25 @@ def topk_unsupported(name: str) -> str | None:
     return None
 
 
-def pair_loss(name: str, rows: dict[str, RowInputs], *, beta: float = 0.5, params: LossParams | None = None,
-              jsd_beta: float | None = None, temperature: float | None = None) -> LossOutput:
-    """Any loss of :data:`LOSSES` by name, as its table entry says: per pair, the sequence mean
-    of each used row's divergence, combined by the row weights (``1 - beta``, ``beta`` for
-    distillm2; 1 each for distillm; equal otherwise) or by the spec's ``combine``. ``rows`` must
-    hold every row kind of ``LOSSES[name].rows``. Returns a :class:`LossOutput`."""
+def _resolve(name: str, params, jsd_beta, temperature) -> tuple[LossSpec, LossParams]:
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")
     params = params or LossParams()
     if jsd_beta is not None or temperature is not None:
         params = LossParams(temperature=params.temperature if temperature is None else temperature,
                             jsd_beta=params.jsd_beta if jsd_beta is None else jsd_beta, dpo_beta=params.dpo_beta)
-    spec = LOSSES[name]
+    return LOSSES[name], params
+
+
+def _combine(spec: LossSpec, beta: float, values: dict[str, Tensor], masks: dict[str, Tensor],
+             params: LossParams) -> LossOutput:
+    """Per-row token values ``[B, T]`` -> the per-pair loss, its terms and token sums."""
     weights = spec.row_weights(beta)
     terms, token_sums, sequences = {}, {}, {}
-    for which, (term, divergence) in spec.terms.items():
-        row = rows.get(which)
-        if row is None or row.student is None or row.mask is None:
-            raise ValueError(f"loss {name!r} needs the {which} rows")
-        try:
-            values = divergence(row, params)
-        except ValueError as err:
-            if "this loss needs" in str(err):
-                what = "labels_chosen" if not spec.needs_teacher else f"student, teacher and mask for the {which} rows"
-                raise ValueError(f"loss {name!r} needs {what}") from None
-            raise
-        sequences[which] = terms[term] = sequence_mean(values, row.mask)
-        token_sums[which] = weights[which] * torch.where(row.mask.bool(), values, 0.0).sum()
+    for which, (term, _) in spec.terms.items():
+        mask = masks[which]
+        sequences[which] = terms[term] = sequence_mean(values[which], mask)
+        token_sums[which] = weights[which] * torch.where(mask.bool(), values[which], 0.0).sum()
     sizes = {tuple(v.shape) for v in sequences.values()}
     if len(sizes) > 1:
         raise ValueError(f"chosen and rejected batches differ in size: {' vs '.join(map(str, sizes))}")
@@ -398,6 +390,93 @@ def pair_loss(name: str, rows: dict[str, RowInputs], *, beta: float = 0.5, param
     else:
         per_pair = sum(weights[which] * seq for which, seq in sequences.items())
     return LossOutput(per_pair.mean(), per_pair, terms, token_sums)
+
+
+def pair_loss(name: str, rows: dict[str, RowInputs], *, beta: float = 0.5, params: LossParams | None = None,
+              jsd_beta: float | None = None, temperature: float | None = None) -> LossOutput:
+    """Any loss of :data:`LOSSES` by name, as its table entry says: per pair, the sequence mean
+    of each used row's divergence, combined by the row weights (``1 - beta``, ``beta`` for
+    distillm2; 1 each for distillm; equal otherwise) or by the spec's ``combine``. ``rows`` must
+    hold every row kind of ``LOSSES[name].rows``. Returns a :class:`LossOutput`."""
+    spec, params = _resolve(name, params, jsd_beta, temperature)
+    values = {}
+    for which, (_, divergence) in spec.terms.items():
+        row = rows.get(which)
+        if row is None or row.student is None or row.mask is None:
+            raise ValueError(f"loss {name!r} needs the {which} rows")
+        try:
+            values[which] = divergence(row, params)
+        except ValueError as err:
+            if "this loss needs" in str(err):
+                what = "labels_chosen" if not spec.needs_teacher else f"student, teacher and mask for the {which} rows"
+                raise ValueError(f"loss {name!r} needs {what}") from None
+            raise
+    return _combine(spec, beta, values, {w: rows[w].mask for w in spec.terms}, params)
+
+
+def _jsd_beta(p: LossParams) -> float:
+    if not 0.0 < float(p.jsd_beta) < 1.0:
+        raise ValueError(f"generalized_jsd: beta must lie in (0, 1), got {p.jsd_beta}")
+    return float(p.jsd_beta)
+
+
+def _alpha(r: RowInputs):
+    _check_alpha(r.alpha)
+    return r.alpha
+
+
+# The kernel and per-row parameter behind each row divergence that is a plain chunked divergence
+# of the student against the teacher's logits (or, for _nll, the labels): these can share one
+# pass over stacked rows (stacked_pair_loss).
+_KERNEL_OF: dict[Callable, Callable[[RowInputs, LossParams], tuple]] = {
+    _kd: lambda r, p: (K.forward_kl, None),
+    _rkl: lambda r, p: (K.reverse_kl, None),
+    _gkd: lambda r, p: (K.generalized_jsd, _jsd_beta(p)),
+    _tvd: lambda r, p: (K.total_variation, None),
+    _skl: lambda r, p: (K.skew_forward_kl, _alpha(r)),
+    _srkl: lambda r, p: (K.skew_reverse_kl, _alpha(r)),
+    _srkl_v1: lambda r, p: (K.skew_reverse_kl_v1, _alpha(r)),
+}
+
+
+def stacked_pair_loss(name: str, student: Tensor, teacher, mask: Tensor, parts: dict[str, slice], *,
+                      labels: Tensor | None = None, alphas: dict | None = None, beta: float = 0.5,
+                      params: LossParams | None = None) -> LossOutput:
+    """:func:`pair_loss` for the row kinds of one micro-batch stacked in one tensor: ``student``
+    (and ``teacher``, or None) ``[R, T, V]``, ``mask`` and ``labels`` ``[R, T]``, ``parts`` maps
+    each row kind to its slice of the R rows, ``alphas`` each row kind to its alpha.
+
+    Same values and gradients as slicing the rows and calling :func:`pair_loss`, but when every
+    term is a plain divergence (all but dpkd/dpo and the top-k teacher) all rows go through one
+    chunked pass with one gradient buffer; sliced logits would make autograd allocate and
+    zero-fill a ``[R, T, V]`` buffer per row kind in the backward pass.
+    """
+    spec, params = _resolve(name, params, None, None)
+    missing = [w for w in spec.terms if w not in parts]
+    if missing:
+        raise ValueError(f"loss {name!r} needs the {' and '.join(missing)} rows")
+    alphas = alphas or {}
+    rows = {w: RowInputs(student[sl], None if teacher is None or isinstance(teacher, dict) else teacher[sl],
+                         mask[sl], None if labels is None else labels[sl], alphas.get(w, 0.1))
+            for w, sl in parts.items()}
+    if isinstance(teacher, dict):
+        for w in rows:
+            rows[w].teacher = teacher.get(w)
+    divergences = [div for _, div in spec.terms.values()]
+    if all(div is _nll for div in divergences) and labels is not None:
+        groups = [(K.cross_entropy, parts[w], None) for w in spec.terms]
+        full, tau = labels, 1.0
+    elif isinstance(teacher, Tensor) and all(div in _KERNEL_OF for div in divergences):
+        groups = []
+        for w, (_, div) in spec.terms.items():
+            kernel, param = _KERNEL_OF[div](rows[w], params)
+            groups.append((kernel, parts[w], param))
+        full, tau = teacher, params.temperature
+    else:
+        return pair_loss(name, rows, beta=beta, params=params)
+    values = grouped_divergence(student, full, mask, groups, tau)
+    return _combine(spec, beta, {w: values[parts[w]] for w in spec.terms}, {w: mask[parts[w]] for w in spec.terms},
+                    params)
 
 
 def distillation_loss(

@@ -36,11 +36,10 @@ from distillm2.losses import (
     LOSSES,
     LossOutput,
     LossParams,
-    RowInputs,
     adaptive_alpha,
     beta_schedule,
     curriculum_gaps,
-    pair_loss,
+    stacked_pair_loss,
 )
 from distillm2.models import response_logits
 from distillm2.progress import logger, progress_bar
@@ -315,16 +314,11 @@ class Trainer:
             out = LossOutput(fused.loss, per_pair, {"skl": fused.skl, "srkl": fused.srkl})
             loss = fused.loss * mb.pairs / denom  # the same per-pair sum, divided by the step's pairs
             return self._account(out, loss, mb, alphas, metrics)
-        rows = {}
-        for which in self.spec.rows:
-            part = mb.part(which)
-            if isinstance(teacher_logits, dict):  # the top-k cache
-                teacher = teacher_logits[which]
-            else:
-                teacher = teacher_logits[part] if teacher_logits is not None else None
-            rows[which] = RowInputs(student_logits[part], teacher, mb.batch.mask[part], mb.batch.labels[part],
-                                    alphas[which])
-        out = pair_loss(self.loss_cfg.name, rows, beta=beta, params=self.params)
+        # The row kinds stay stacked: one chunked pass and one gradient buffer for the micro-batch
+        # (a dict teacher is the top-k cache, one entry per row kind).
+        out = stacked_pair_loss(self.loss_cfg.name, student_logits, teacher_logits, mb.batch.mask,
+                                {w: mb.part(w) for w in self.spec.rows}, labels=mb.batch.labels, alphas=alphas,
+                                beta=beta, params=self.params)
         if self.cfg.reduction == "sequence":
             loss = out.per_pair.sum() / denom
         else:
