@@ -39,7 +39,7 @@ from torch.autograd.function import once_differentiable
 
 from distillm2 import _kernels as K
 from distillm2._chunks import _chunk_rows as _kernel_rows
-from distillm2.losses import DistiLLM2Output
+from distillm2.losses import DistiLLM2Output, _check_alpha
 
 __all__ = [
     "fused_divergence",
@@ -320,13 +320,6 @@ def fused_divergence(kernel, student_hidden: Tensor, student_weight: Tensor, tea
     return values
 
 
-def _check_alpha(alpha):
-    lo, hi = ((float(alpha.min()), float(alpha.max())) if alpha.numel() else (0.0, 0.0)) \
-        if isinstance(alpha, Tensor) else (float(alpha), float(alpha))
-    if not (0.0 <= lo and hi < 1.0):
-        raise ValueError(f"alpha must lie in [0, 1), got min {lo} and max {hi}")
-
-
 def fused_forward_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, *,
                      temperature=1.0, **kw) -> Tensor:
     """KL(p || q) per row from hidden states, as :func:`distillm2.losses.forward_kl`. ``[N]``.
@@ -350,8 +343,8 @@ def fused_skew_forward_kl(student_hidden, student_weight, teacher_hidden, teache
 
     As :func:`distillm2.losses.skew_forward_kl`, except that ``alpha`` is a float or a per-row
     ``[N]`` tensor (rows are already flattened; a per-sequence alpha is ``alpha[sequence]``)."""
-    _check_alpha(alpha)
-    return fused_divergence(K.skew_forward_kl, student_hidden, student_weight, teacher_hidden,
+    kernel = K.skew_kernel(K.skew_forward_kl, _check_alpha(alpha))
+    return fused_divergence(kernel, student_hidden, student_weight, teacher_hidden,
                             teacher_weight, alpha, temperature, **kw)
 
 
@@ -361,8 +354,8 @@ def fused_skew_reverse_kl(student_hidden, student_weight, teacher_hidden, teache
 
     As :func:`distillm2.losses.skew_reverse_kl` (``detach_mixture`` True: DistiLLM-2, q' under
     stop-gradient), with a float or per-row ``[N]`` ``alpha``."""
-    _check_alpha(alpha)
-    kernel = K.skew_reverse_kl if detach_mixture else K.skew_reverse_kl_v1
+    lo = _check_alpha(alpha)
+    kernel = K.skew_kernel(K.skew_reverse_kl, lo) if detach_mixture else K.skew_reverse_kl_v1
     return fused_divergence(kernel, student_hidden, student_weight, teacher_hidden, teacher_weight,
                             alpha, temperature, **kw)
 

@@ -58,13 +58,15 @@ __all__ = [
     "BETA_SCHEDULES",
 ]
 
-def _check_alpha(alpha, name="alpha"):
+def _check_alpha(alpha, name="alpha") -> float:
+    """Refuses alphas outside [0, 1); returns the smallest (for :func:`_kernels.skew_kernel`)."""
     if isinstance(alpha, Tensor):
         lo, hi = (float(alpha.min()), float(alpha.max())) if alpha.numel() else (0.0, 0.0)
     else:
         lo = hi = float(alpha)
     if not (0.0 <= lo and hi < 1.0):
         raise ValueError(f"{name} must lie in [0, 1), got min {lo} and max {hi}")
+    return lo
 
 
 def forward_kl(student_logits, teacher_logits, mask, *, temperature=1.0) -> Tensor:
@@ -86,10 +88,8 @@ def skew_forward_kl(student_logits, teacher_logits, mask, *, alpha=0.1, temperat
     ``alpha`` is a float or a per-sequence tensor ``[B]`` in [0, 1); alpha = 0 gives
     :func:`forward_kl`. Gradient flows through q inside the mixture. Returns ``[B, T]``.
     """
-    _check_alpha(alpha)
-    return chunked_divergence(
-        K.skew_forward_kl, student_logits, teacher_logits, mask, alpha, temperature
-    )
+    kernel = K.skew_kernel(K.skew_forward_kl, _check_alpha(alpha))
+    return chunked_divergence(kernel, student_logits, teacher_logits, mask, alpha, temperature)
 
 
 def skew_reverse_kl(
@@ -101,8 +101,8 @@ def skew_reverse_kl(
     v1) the gradient also flows through q'. The values are identical; only gradients differ.
     ``alpha`` is a float or ``[B]`` tensor in [0, 1); alpha = 0 gives :func:`reverse_kl`.
     """
-    _check_alpha(alpha)
-    kernel = K.skew_reverse_kl if detach_mixture else K.skew_reverse_kl_v1
+    lo = _check_alpha(alpha)
+    kernel = K.skew_kernel(K.skew_reverse_kl, lo) if detach_mixture else K.skew_reverse_kl_v1
     return chunked_divergence(kernel, student_logits, teacher_logits, mask, alpha, temperature)
 
 
@@ -420,9 +420,8 @@ def _jsd_beta(p: LossParams) -> float:
     return float(p.jsd_beta)
 
 
-def _alpha(r: RowInputs):
-    _check_alpha(r.alpha)
-    return r.alpha
+def _skew(kernel):
+    return lambda r, p: (K.skew_kernel(kernel, _check_alpha(r.alpha)), r.alpha)
 
 
 # The kernel and per-row parameter behind each row divergence that is a plain chunked divergence
@@ -433,9 +432,9 @@ _KERNEL_OF: dict[Callable, Callable[[RowInputs, LossParams], tuple]] = {
     _rkl: lambda r, p: (K.reverse_kl, None),
     _gkd: lambda r, p: (K.generalized_jsd, _jsd_beta(p)),
     _tvd: lambda r, p: (K.total_variation, None),
-    _skl: lambda r, p: (K.skew_forward_kl, _alpha(r)),
-    _srkl: lambda r, p: (K.skew_reverse_kl, _alpha(r)),
-    _srkl_v1: lambda r, p: (K.skew_reverse_kl_v1, _alpha(r)),
+    _skl: _skew(K.skew_forward_kl),
+    _srkl: _skew(K.skew_reverse_kl),
+    _srkl_v1: _skew(K.skew_reverse_kl_v1),
 }
 
 
