@@ -51,7 +51,12 @@ def fused(h_s, w_s, h_t, w_t):
     return F.fused_skew_forward_kl(h_s, w_s, h_t, w_t, alpha=ALPHA)
 
 
-IMPLS = {"today": today, "fused": fused}
+def fused_f32acc(h_s, w_s, h_t, w_t):
+    """The fused path with a float32 grad_weight accumulator (half precision only): values [N]."""
+    return F.fused_skew_forward_kl(h_s, w_s, h_t, w_t, alpha=ALPHA, grad_weight_dtype=torch.float32)
+
+
+IMPLS = {"today": today, "fused": fused, "fused_f32acc": fused_f32acc}
 
 
 def make_inputs(rows, vocab, hs, ht, dtype, seed=0):
@@ -83,13 +88,13 @@ def run_once(impl, inputs):
     return wall, cpu, peak, outputs
 
 
-def run_cases(inputs, repeats):
+def run_cases(inputs, repeats, impls):
     """Each implementation ``repeats`` times, alternating (the shared machine's load drifts):
     median wall and CPU time, largest peak; and the last run's outputs of each."""
-    runs = {impl: [] for impl in IMPLS}
+    runs = {impl: [] for impl in impls}
     outputs = {}
     for rep in range(repeats):
-        for impl in IMPLS:
+        for impl in impls:
             *numbers, out = run_once(impl, inputs)
             runs[impl].append(numbers)
             if rep == repeats - 1:  # keep only the last outputs (a [V, H] gradient each)
@@ -102,6 +107,22 @@ def run_cases(inputs, repeats):
         results[impl] = {"time_s": statistics.median(walls), "times_s": walls,
                          "cpu_s": statistics.median(cpus), "cpus_s": cpus, "peak_extra_mib": max(peaks)}
     return results, outputs
+
+
+def float32_reference(inputs):
+    """The fused path in float32 on the same (rounded) half-precision inputs: the exact function
+    of those inputs up to float32 rounding, against which each half-precision path's error is
+    measured. Outputs as run_once's."""
+    up = [x.detach().float().requires_grad_(x.requires_grad) for x in inputs]
+    values = fused(*up)
+    values.sum().backward()
+    return values.detach(), up[0].grad, up[1].grad
+
+
+def rel_errors(got, exact):
+    """Relative error (norm of the difference over the norm of the reference) of each output."""
+    return {name: float((x.double() - y.double()).norm() / y.double().norm().clamp_min(1e-30))
+            for name, x, y in zip(("values", "grad_hidden", "grad_weight"), got, exact)}
 
 
 def compare(a, b):
@@ -128,13 +149,22 @@ def main(argv=None):
         print(f"[{rows_n} rows, V={vocab}, Hs={hs}, Ht={ht}, {name}]", flush=True)
         row = {"rows": rows_n, "vocab": vocab, "hidden_student": hs, "hidden_teacher": ht,
                "dtype": name, "load_before": os.getloadavg()}
-        results, outputs = run_cases(inputs, args.repeats)
+        half = dtype != torch.float32
+        impls = list(IMPLS) if half else ["today", "fused"]
+        results, outputs = run_cases(inputs, args.repeats, impls)
         row.update(results)
+        if half:  # the error each path's half-precision rounding costs, and what the accumulator changes
+            exact = float32_reference(inputs)
+            row["rel_error_vs_float32"] = {impl: rel_errors(outputs[impl], exact) for impl in impls}
+            row["memory_ratio_f32acc"] = row["today"]["peak_extra_mib"] / max(row["fused_f32acc"]["peak_extra_mib"], 1.0)
+            row["time_ratio_f32acc"] = row["fused_f32acc"]["time_s"] / row["today"]["time_s"]
+            del exact
         row["rel_diff"] = compare(outputs["today"], outputs["fused"])
         row["memory_ratio"] = row["today"]["peak_extra_mib"] / max(row["fused"]["peak_extra_mib"], 1.0)
         row["time_ratio"] = row["fused"]["time_s"] / row["today"]["time_s"]
         row["cpu_time_ratio"] = row["fused"]["cpu_s"] / row["today"]["cpu_s"]
         row["load_after"] = os.getloadavg()
+        row["date"] = time.strftime("%Y-%m-%d")
         # today's outputs (float32) vs ours: float32 rounding; bf16 gradients: bf16 rounding
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         bad = {k: v for k, v in row["rel_diff"].items() if not v <= tol}
@@ -152,13 +182,18 @@ def main(argv=None):
             "note": "load_before/after: 1, 5, 15-minute load averages (shared machine)"}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not args.quick:  # dtypes not measured this time keep their earlier rows
+        done = {(r["dtype"], r["rows"]) for r in rows}
+        kept = [r for r in json.loads(out.read_text())["rows"] if (r["dtype"], r["rows"]) not in done]
+        rows = sorted(kept + rows, key=lambda r: (r["rows"], r["dtype"] != "float32"))
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     tmp.replace(out)
     plot(rows, out.with_suffix(".png"))
     print(f"\nwrote {out} and {out.with_suffix('.png')}")
-    first = rows[0]
-    print(f"fused: memory_ratio={first['memory_ratio']:.2f} time_ratio={first['time_ratio']:.2f}")
+    # the worst case over the dtypes measured (float32 and bfloat16 by default)
+    print(f"fused: memory_ratio={min(r['memory_ratio'] for r in rows):.2f} "
+          f"time_ratio={max(r['time_ratio'] for r in rows):.2f}")
     return rows
 
 
@@ -172,6 +207,13 @@ def print_table(rows):
               f"{r['time_ratio']:7.2f} {r['cpu_time_ratio']:6.2f} | {r['today']['peak_extra_mib']:9.0f} "
               f"{r['fused']['peak_extra_mib']:9.0f} {r['memory_ratio']:6.1f} | "
               f"{d['values']:.1e}, {d['grad_hidden']:.1e}, {d['grad_weight']:.1e}", flush=True)
+        if "fused_f32acc" in r:
+            f = r["fused_f32acc"]
+            print(f"{'':>5} {'f32 acc':>9} | {'':>8} {f['time_s']:8.1f} {r['time_ratio_f32acc']:7.2f} {'':>6} | "
+                  f"{'':>9} {f['peak_extra_mib']:9.0f} {r['memory_ratio_f32acc']:6.1f} |", flush=True)
+            for impl, e in r["rel_error_vs_float32"].items():
+                print(f"{'':>5} {'':>9}   error vs float32 on the same inputs, {impl}: values {e['values']:.1e}, "
+                      f"grad h {e['grad_hidden']:.1e}, grad W {e['grad_weight']:.1e}", flush=True)
 
 
 def plot(rows, path):

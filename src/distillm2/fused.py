@@ -24,8 +24,11 @@ reduces with ``(values * weights).sum()``, as :func:`fused_distillm2_loss` does.
 Numerics. Every chunk's divergence runs in float32 on logits computed as the model's output layer
 would compute them: ``h @ W.T`` in the inputs' dtype (bfloat16 logits are rounded to bfloat16, as
 a bfloat16 ``lm_head`` rounds them), then cast to float32. The gradient reaching ``h @ W.T`` is
-cast to that dtype, as autograd through a bfloat16 ``lm_head`` casts it; ``grad_weight`` is
-accumulated over chunks in float32 and cast once at the end.
+cast to that dtype, as autograd through a bfloat16 ``lm_head`` casts it. ``grad_weight`` is
+accumulated over chunks in the weight's dtype (float32 inside each chunk's product, one rounding
+per chunk) or, with ``grad_weight_dtype=torch.float32``, in float32 and cast once at the end: at
+the paper's sizes the float32 accumulator alone is 891 MiB, more than everything else the fused
+path holds (benchmarks/fused.py measures both, and their errors).
 """
 
 from __future__ import annotations
@@ -55,9 +58,9 @@ __all__ = [
 
 # Elements of one float32 [rows, V] chunk buffer. The matmuls need many rows per chunk to reuse
 # each weight row they read from memory (at 6 rows, the losses' cache-sized chunk, h @ W.T is
-# memory-bound and several times slower). 3 * 2**24 = 192 MiB, 331 rows at V = 151,936: on this
-# CPU 441 rows took 0.8x the CPU time of 220 at the paper's sizes, and the two buffers (student,
-# teacher) stay below the float32 grad_weight. The kernels run on cache-sized sub-chunks.
+# memory-bound and several times slower). 3 * 2**24 elements: 331 rows at V = 151,936, 192 MiB
+# per float32 buffer, 96 MiB per bfloat16 one; on this CPU 441 rows took 0.8x the CPU time of 220
+# at the paper's sizes. The kernels run on cache-sized sub-chunks.
 # DISTILLM2_FUSED_CHUNK_ELEMENTS overrides both (benchmarks/fused.py measures the effect).
 CHUNK_ELEMENTS = int(os.environ.get("DISTILLM2_FUSED_CHUNK_ELEMENTS", 3 * 2**24))
 CUDA_CHUNK_ELEMENTS = int(os.environ.get("DISTILLM2_FUSED_CHUNK_ELEMENTS", 2**26))
@@ -72,19 +75,24 @@ def _default_chunk_rows(device: torch.device, vocab: int) -> int:
 
 
 class _GradWeight:
-    """Accumulates grad_weight ``[V, H]`` in float32 over row chunks.
+    """Accumulates grad_weight ``[V, H]`` over row chunks, in ``dtype``.
 
-    A float32 weight gets one float32 buffer and ``addmm_``. A half-precision weight keeps
-    float32 blocks of vocabulary rows: each chunk's product is formed in the weight's dtype (the
-    fast matmul; float32 accumulation inside it) block by block and added in float32, so no
-    [V, H] temporary of the product exists, and :meth:`result` casts block by block, freeing each
-    float32 block as it goes, so the float32 and the final copy never coexist in full.
+    float32 (always for a float32 weight): a float32 weight gets one buffer and ``addmm_``; a
+    half-precision weight keeps float32 blocks of vocabulary rows, each chunk's product formed in
+    the weight's dtype block by block and added in float32, and :meth:`result` casts block by
+    block, freeing each float32 block as it goes.
+    The weight's own half-precision dtype (the default for a half-precision weight): one buffer
+    in that dtype and ``addmm_`` (float32 inside each product, one rounding per chunk). Half the
+    memory of the float32 accumulator, which at the paper's sizes is most of what the fused
+    path holds; its error is of the order of the rounding the unfused half-precision path
+    already applies to the logits' gradient (measured in benchmarks/fused.py).
     """
 
-    def __init__(self, weight: Tensor):
+    def __init__(self, weight: Tensor, dtype: torch.dtype):
         self.dtype, self.shape = weight.dtype, weight.shape
-        if weight.dtype == torch.float32:
-            self.blocks = [torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)]
+        self.single = weight.dtype == torch.float32 or dtype == weight.dtype
+        if self.single:
+            self.blocks = [torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)]
             self.step = weight.shape[0]
         else:
             self.step = _VOCAB_BLOCK
@@ -97,7 +105,7 @@ class _GradWeight:
 
     def add(self, grad_logits: Tensor, hidden: Tensor) -> None:
         """``+= grad_logits.T @ hidden`` for a chunk: ``[C, V]`` and ``[C, H]`` in the weight's dtype."""
-        if self.dtype == torch.float32:
+        if self.single:
             self.blocks[0].addmm_(grad_logits.t(), hidden)
             return
         for i, block in enumerate(self.blocks):
@@ -106,7 +114,7 @@ class _GradWeight:
 
     def result(self, scale: float) -> Tensor:
         """The accumulated gradient times ``scale``, in the weight's dtype; frees the blocks."""
-        if self.dtype == torch.float32:
+        if self.single:
             out = self.blocks.pop()
             return out.mul_(scale) if scale != 1.0 else out
         out = torch.empty(self.shape, dtype=self.dtype, device=self.blocks[0].device)
@@ -117,34 +125,19 @@ class _GradWeight:
         return out
 
 
-def _scratch(cache: dict, dtype, shape, device) -> Tensor:
-    """A reused half-precision ``[C, V]`` scratch buffer: fresh [C, V] allocations every chunk
-    would be fresh pages every chunk (the allocator returns blocks this large to the system)."""
-    if dtype not in cache:
-        cache[dtype] = torch.empty(shape, dtype=dtype, device=device)
-    return cache[dtype][: shape[0]]
-
-
-def _logits_into(buf: Tensor, hidden: Tensor, weight: Tensor, bias, inv_temp: float, cache) -> Tensor:
-    """``(hidden @ weight.T + bias) / tau`` into the float32 buffer ``buf`` ``[C, V]``."""
-    if hidden.dtype == torch.float32:
-        torch.mm(hidden, weight.t(), out=buf)
-        if bias is not None:
-            buf.add_(bias)
-    else:  # in the input dtype, as the model's output layer computes (and rounds) them
-        z = torch.mm(hidden, weight.t(), out=_scratch(cache, hidden.dtype, buf.shape, buf.device))
-        if bias is not None:
-            z.add_(bias)
-        buf.copy_(z)
-    if inv_temp != 1.0:
-        buf.mul_(inv_temp)
+def _logits_into(buf: Tensor, hidden: Tensor, weight: Tensor, bias) -> Tensor:
+    """``hidden @ weight.T + bias`` into ``buf`` ``[C, V]``, in the inputs' dtype (bfloat16 logits
+    are rounded to bfloat16, as the model's output layer rounds them)."""
+    torch.mm(hidden, weight.t(), out=buf)
+    if bias is not None:
+        buf.add_(bias)
     return buf
 
 
 class _Fused(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, target, w_t, b_t, row_param, weights, kernel, inv_temp, rows):
-        ctx.setup = (target, w_t, b_t, row_param, kernel, inv_temp, rows)
+    def forward(ctx, h_s, w_s, b_s, target, w_t, b_t, row_param, weights, kernel, inv_temp, rows, accumulate):
+        ctx.setup = (target, w_t, b_t, row_param, kernel, inv_temp, rows, accumulate)
         need = (h_s.requires_grad, w_s.requires_grad, b_s is not None and b_s.requires_grad)
         values, grads = _run(h_s, w_s, b_s, *ctx.setup, need=need, row_scale=weights)
         ctx.grads, ctx.weights = grads, weights
@@ -175,7 +168,7 @@ class _Fused(torch.autograd.Function):
             grad_w = grad_w.result(scale)
         if grad_b is not None:
             grad_b = grad_b.mul_(scale).to(b_s.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None
 
 
 def _proportional(grad_out: Tensor, weights: Tensor) -> float | None:
@@ -192,53 +185,60 @@ def _proportional(grad_out: Tensor, weights: Tensor) -> float | None:
     return c if float((grad_out - c * weights).abs().max()) <= tol else None
 
 
-def _run(h_s, w_s, b_s, target, w_t, b_t, row_param, kernel, inv_temp, rows, *, need, row_scale):
+def _run(h_s, w_s, b_s, target, w_t, b_t, row_param, kernel, inv_temp, rows, accumulate, *, need, row_scale):
     """Values ``[N]`` and, per ``need`` (hidden, weight, bias), the gradients: grad_hidden
-    ``[N, Hs]`` float32 for unit row gradients, a :class:`_GradWeight` and grad_bias float32 ``[V]``
-    for row gradients ``row_scale``."""
+    ``[N, Hs]`` float32 for unit row gradients, a :class:`_GradWeight` (in ``accumulate``) and
+    grad_bias float32 ``[V]`` for row gradients ``row_scale``."""
     n, vocab = h_s.shape[0], w_s.shape[0]
     dev = h_s.device
     is_labels = w_t is None
     values = torch.empty(n, dtype=torch.float32, device=dev)
     grad_h = torch.empty(h_s.shape, dtype=torch.float32, device=dev) if need[0] else None
-    grad_w = _GradWeight(w_s) if need[1] else None
+    grad_w = _GradWeight(w_s, accumulate) if need[1] else None
     grad_b = torch.zeros(vocab, dtype=torch.float32, device=dev) if need[2] else None
     any_grad = any(need)
     step = min(rows, n) if n else 1
-    # Two float32 chunk buffers reused for every chunk: s (the gradient is written over it) and t.
-    s_buf = torch.empty((step, vocab), dtype=torch.float32, device=dev)
-    t_buf = None if is_labels else torch.empty((step, vocab), dtype=torch.float32, device=dev)
-    cache: dict = {}
+    # Two chunk buffers reused for every chunk, in the models' dtypes (the logits as the output
+    # layers round them): s (the gradient is written over it, in the student's dtype, as autograd
+    # casts the gradient reaching a half-precision lm_head) and t. The kernels read float32
+    # copies of cache-sized sub-chunks, so no float32 [C, V] buffer exists for half precision.
+    s_buf = torch.empty((step, vocab), dtype=w_s.dtype, device=dev)
+    t_buf = None if is_labels else torch.empty((step, vocab), dtype=w_t.dtype, device=dev)
     sub = _kernel_rows(dev, vocab)  # kernel temporaries stay cache-sized, as in _chunks
     for start in range(0, n, step):
         stop = min(start + step, n)
-        s = _logits_into(s_buf[: stop - start], h_s[start:stop], w_s, b_s, inv_temp, cache)
+        s = _logits_into(s_buf[: stop - start], h_s[start:stop], w_s, b_s)
         if is_labels:
             t = target[start:stop]
         else:
-            t = _logits_into(t_buf[: stop - start], target[start:stop], w_t, b_t, inv_temp, cache)
+            t = _logits_into(t_buf[: stop - start], target[start:stop], w_t, b_t)
         for i in range(0, stop - start, sub):
             j = min(i + sub, stop - start)
             a = None if row_param is None else row_param[start + i : start + j, None]
-            value, g = kernel(s[i:j], t[i:j], a, any_grad)
+            s_sub = s[i:j].float()  # a copy for half precision; for float32 the buffer itself
+            t_sub = t[i:j] if is_labels else t[i:j].float()
+            if inv_temp != 1.0:
+                s_sub = s_sub.mul_(inv_temp)
+                if not is_labels:
+                    t_sub = t_sub.mul(inv_temp)
+            value, g = kernel(s_sub, t_sub, a, any_grad)
             values[start + i : start + j] = value
-            if any_grad:
-                s[i:j] = g  # the chunk's logits are no longer needed: reuse their buffer
+            if not any_grad:
+                continue
+            if inv_temp != 1.0:
+                g.mul_(inv_temp)  # d/dz = (1 / tau) d/ds with s = z / tau
+            if grad_b is not None:
+                grad_b.addmv_(g.t(), row_scale[start + i : start + j])
+            s[i:j] = g  # the chunk's logits are no longer needed: reuse their buffer
         if not any_grad:
             continue
-        if inv_temp != 1.0:
-            s.mul_(inv_temp)  # d/dz = (1 / tau) d/ds with s = z / tau
         g = s
-        if w_s.dtype != torch.float32:  # as autograd casts the gradient reaching a bf16 lm_head
-            g = _scratch(cache, w_s.dtype, s.shape, dev).copy_(s)
         if grad_h is not None:
             grad_h[start:stop] = torch.mm(g, w_s)
         scale = row_scale[start:stop, None]
         if grad_w is not None:
             # sum_i scale_i g_i^T h_i: scale the [C, H] hidden states, not the [C, V] gradient
             grad_w.add(g, (h_s[start:stop] * scale).to(w_s.dtype))
-        if grad_b is not None:
-            grad_b.addmv_(s.t(), row_scale[start:stop])
         del g
     return values, (grad_h, grad_w, grad_b)
 
@@ -285,7 +285,7 @@ def _check_inputs(h_s, w_s, b_s, target, w_t, b_t):
 
 def fused_divergence(kernel, student_hidden: Tensor, student_weight: Tensor, teacher, teacher_weight,
                      param, temperature: float = 1.0, *, student_bias=None, teacher_bias=None,
-                     weights=None, chunk_rows=None) -> Tensor:
+                     weights=None, chunk_rows=None, grad_weight_dtype=None) -> Tensor:
     """Per-row values ``[N]`` (float32) of a :mod:`distillm2._kernels` kernel, from hidden states.
 
     ``student_hidden`` ``[N, Hs]`` and ``student_weight`` ``[V, Hs]`` (one float dtype) give the
@@ -297,6 +297,8 @@ def fused_divergence(kernel, student_hidden: Tensor, student_weight: Tensor, tea
     no gradient. ``weights`` ``[N]``: the row weights the caller will sum the values with (default
     ones); a backward pass with another ``grad_out`` is still exact but recomputes the logits
     (see the module docstring). ``chunk_rows`` overrides the rows per chunk.
+    ``grad_weight_dtype``: the dtype grad_weight is accumulated in over the chunks: the weight's
+    (the default; for a half-precision weight half the memory) or ``torch.float32``.
     """
     _check_inputs(student_hidden, student_weight, student_bias, teacher, teacher_weight, teacher_bias)
     if temperature <= 0:
@@ -314,9 +316,13 @@ def fused_divergence(kernel, student_hidden: Tensor, student_weight: Tensor, tea
     inv_temp = 1.0 / float(temperature)
     trainable = [x for x in (student_hidden, student_weight, student_bias) if x is not None]
     if torch.is_grad_enabled() and any(x.requires_grad for x in trainable):
-        return _Fused.apply(*args, w, kernel, inv_temp, rows)
+        accumulate = student_weight.dtype if grad_weight_dtype is None else grad_weight_dtype
+        if accumulate not in (student_weight.dtype, torch.float32):
+            raise ValueError(f"grad_weight_dtype must be the weight's dtype ({student_weight.dtype}) or "
+                             f"torch.float32, got {accumulate}")
+        return _Fused.apply(*args, w, kernel, inv_temp, rows, accumulate)
     with torch.no_grad():
-        values, _ = _run(*args, kernel, inv_temp, rows, need=(False, False, False), row_scale=w)
+        values, _ = _run(*args, kernel, inv_temp, rows, None, need=(False, False, False), row_scale=w)
     return values
 
 
