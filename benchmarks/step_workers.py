@@ -311,7 +311,7 @@ def _category(name: str, shapes, vocab: int) -> str:
         flat = [d for s in (shapes or []) for d in (s or [])]
         return "gemm lm_head" if vocab in flat else "gemm layers"
     if "attention" in n or "sdpa" in n:
-        return "attention (sdpa)"
+        return "attention (ops named so)"
     if any(x in n for x in ("zero_", "fill_", "::zeros", "zeros_like", "new_zeros", "::full")):
         return "zero-fill"
     if any(x in n for x in ("copy_", "_to_copy", "::to", "clone", "contiguous", "::index", "cat", "stack")):
