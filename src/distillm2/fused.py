@@ -42,7 +42,8 @@ from torch.autograd.function import once_differentiable
 
 from distillm2 import _kernels as K
 from distillm2._chunks import _chunk_rows as _kernel_rows
-from distillm2.losses import DistiLLM2Output, _check_alpha
+from distillm2.divergences import _check_alpha
+from distillm2.losses import DistiLLM2Output
 
 __all__ = [
     "fused_divergence",
