@@ -25,8 +25,9 @@ Runs, each in its own subprocess (peak RSS = VmHWM of /proc/self/status after th
 ``trl-gkd-{fp32,bf16}`` (GKDTrainer, beta 0.5, lmbda 0, seq_kd False; TRL's collator on the ids;
 ``trainer.training_step`` + clip + optimizer/scheduler step + zero_grad as its inner loop does),
 ``ours-gkd-{fp32,bf16}`` (Trainer.fit's step replicated with the library calls: ``stacked_pair_loss("gkd")``
-needs a chosen and a rejected row kind, so the 8 rows are passed as 4 + 4) and
-``ours-distillm2-bf16`` (``distillm2.train.Trainer.fit`` itself; its per-step ``step_s``). bf16 =
+needs a chosen and a rejected row kind, so the 8 rows are passed as 4 + 4),
+``ours-distillm2-bf16`` (``distillm2.train.Trainer.fit`` itself; its per-step ``step_s``) and
+``ours-distillm2fused-bf16`` (the same with ``train.fused_loss``: the loss from hidden states). bf16 =
 autocast of the fp32-weight student plus, on our side, bf16 teacher weights (the project's
 defaults); TRL's bf16 = ``bf16=True`` (autocast of both fp32-weight models). Runs are interleaved
 (TRL, ours, ... then again); per run the median of the measured steps after the warm-up steps.
@@ -280,7 +281,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--worker", choices=("trl", "ours-gkd", "ours-distillm2", "gemm", "profile"))
+    ap.add_argument("--worker", choices=("trl", "ours-gkd", "ours-distillm2", "ours-distillm2fused", "gemm",
+                                         "profile"))
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--spec")
     ap.add_argument("--out")
@@ -305,8 +307,8 @@ def main() -> None:
             worker_trl(spec, args.precision, n, out)
         elif args.worker == "ours-gkd":
             worker_ours_gkd(spec, args.precision, n, out)
-        elif args.worker == "ours-distillm2":
-            worker_ours_distillm2(spec, args.precision, n, out)
+        elif args.worker in ("ours-distillm2", "ours-distillm2fused"):
+            worker_ours_distillm2(spec, args.precision, n, out, fused=args.worker.endswith("fused"))
         elif args.worker == "gemm":
             worker_gemm(spec, args.tokens, args.lm, out)
         else:
@@ -349,7 +351,7 @@ def main() -> None:
 
     cfg = json.loads((Path(spec["teacher_dir"]) / "config.json").read_text())
     fc = flop_counts(cfg)
-    layout_key = {"trl": "trl8", "gkd": "gkd8", "distillm2": "distillm2_16"}
+    layout_key = {"trl": "trl8", "gkd": "gkd8", "distillm2": "distillm2_16", "distillm2fused": "distillm2_16"}
     table = []
     for name in RUNS:
         system, loss = name.split("-")[:2]
@@ -425,6 +427,7 @@ def main() -> None:
                               "jsd_beta 0.5)/accelerator.backward/distributed.grad_norm/fused AdamW",
                   "ours_distillm2": "distillm2.train.Trainer.fit (loss distillm2, alpha 0.1, beta 0.5), step_s of "
                                     "metrics.jsonl; end-of-stage checkpoint skipped",
+                  "ours_distillm2fused": "the same with train.fused_loss (the loss from hidden states)",
                   "flops": "2 N_teacher + 6 N_student per executed token (padding included), lm_head only at "
                            "logit positions (TRL: every position), attention scores not counted",
                   "flop_counts": fc, "attention": attention},

@@ -20,7 +20,8 @@ STUDENT_LAYERS = [0, 1, 2, 3, 4, 5, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29]
 ROWS = 8  # sequences (pairs) per step
 MAX_NEW = 40  # new tokens per response: ~40 prompt + ~40 response = ~80 real tokens a row, ~640 a step
 LR = 5e-5
-RUNS = ["trl-gkd-fp32", "ours-gkd-fp32", "trl-gkd-bf16", "ours-gkd-bf16", "ours-distillm2-bf16"]
+RUNS = ["trl-gkd-fp32", "ours-gkd-fp32", "trl-gkd-bf16", "ours-gkd-bf16", "ours-distillm2-bf16",
+        "ours-distillm2fused-bf16"]
 TRL_PIP = ["torch==2.13.0", "trl"]
 
 
@@ -198,9 +199,9 @@ def worker_ours_gkd(spec: dict, precision: str, steps: int, out: Path) -> None:
                   "attn": student.config._attn_implementation, "driver": "replicated Trainer.fit step"})
 
 
-def _trainer_for(spec, precision, steps, stage_dir):
+def _trainer_for(spec, precision, steps, stage_dir, fused=False):
     """distillm2.train.Trainer on the text pairs of the first ``steps`` plan steps (its own plan:
-    checked to equal the spec's)."""
+    checked to equal the spec's); ``fused``: train.fused_loss (the loss from hidden states)."""
     from distillm2.config import LossConfig, TrainConfig
     from distillm2.train import Trainer
 
@@ -210,7 +211,7 @@ def _trainer_for(spec, precision, steps, stage_dir):
               "chosen_finished": r["chosen_finished"], "rejected_finished": r["rejected_finished"]} for r in rows]
     shutil.rmtree(stage_dir, ignore_errors=True)
     cfg = TrainConfig(batch_size=ROWS, grad_accum=1, epochs=1.0, lr=LR, checkpoint_every=0,
-                      mixed_precision="bf16" if precision == "bf16" else "no")
+                      mixed_precision="bf16" if precision == "bf16" else "no", fused_loss=fused)
     trainer = Trainer(accelerator=acc, student=student, teacher=teacher, tokenizer=tok, pairs=pairs, train_cfg=cfg,
                       loss_cfg=LossConfig(name="distillm2"), stage_dir=stage_dir, vocab=vocab, stage_seed=0)
     for r, enc in zip(rows, trainer.encoded):  # the Trainer's own encoding gives the benchmark's ids
@@ -221,14 +222,15 @@ def _trainer_for(spec, precision, steps, stage_dir):
     return trainer, acc
 
 
-def worker_ours_distillm2(spec: dict, precision: str, steps: int, out: Path) -> None:
-    """distillm2.train.Trainer.fit itself; step times from its metrics.jsonl (step_s)."""
+def worker_ours_distillm2(spec: dict, precision: str, steps: int, out: Path, fused: bool = False) -> None:
+    """distillm2.train.Trainer.fit itself; step times from its metrics.jsonl (step_s); ``fused``:
+    with train.fused_loss."""
     import torch
 
     from distillm2 import checkpoint
 
     stage_dir = work_dir() / "runs" / f"distillm2-{os.getpid()}"
-    trainer, acc = _trainer_for(spec, precision, steps, stage_dir)
+    trainer, acc = _trainer_for(spec, precision, steps, stage_dir, fused)
     peak = {}
 
     def no_checkpoint(*a, **k):  # the end-of-stage checkpoint is no part of a step: record the peak, skip it
@@ -243,7 +245,7 @@ def worker_ours_distillm2(spec: dict, precision: str, steps: int, out: Path) -> 
               "threads": torch.get_num_threads(), "optimizer": type(opt).__name__,
               "fused": bool(opt.defaults.get("fused")), "mixed_precision": acc.mixed_precision,
               "teacher_dtype": str(next(trainer.teacher.parameters()).dtype),
-              "attn": trainer.student.config._attn_implementation, "driver": "Trainer.fit"}
+              "attn": trainer.student.config._attn_implementation, "driver": "Trainer.fit", "fused_loss": fused}
     _finish(out, result)
     result = json.loads(out.read_text())
     result["peak_rss_kib"] = peak.get("kib", result["peak_rss_kib"])
