@@ -38,6 +38,24 @@ def _check_alpha(alpha, name="alpha") -> float:
     return lo
 
 
+def _skew_forward_kernel(alpha):
+    """The skew KL kernel for ``alpha`` (checked): linear space unless some alpha is 0."""
+    return K.skew_kernel(K.skew_forward_kl, _check_alpha(alpha))
+
+
+def _skew_reverse_kernel(alpha, detach_mixture=True):
+    """The skew reverse KL kernel for ``alpha`` (checked): DistiLLM-2's (mixture detached; linear
+    space unless some alpha is 0) or DistiLLM v1's."""
+    lo = _check_alpha(alpha)
+    return K.skew_kernel(K.skew_reverse_kl, lo) if detach_mixture else K.skew_reverse_kl_v1
+
+
+def _check_jsd_beta(beta) -> float:
+    if not 0.0 < float(beta) < 1.0:
+        raise ValueError(f"generalized_jsd: beta must lie in (0, 1), got {beta}")
+    return float(beta)
+
+
 def forward_kl(student_logits, teacher_logits, mask, *, temperature=1.0) -> Tensor:
     """KL(p || q) = sum_v p (log p - log q) per token. ``[B, T, V] x2, [B, T] -> [B, T]``."""
     return chunked_divergence(K.forward_kl, student_logits, teacher_logits, mask, None, temperature)
@@ -57,7 +75,7 @@ def skew_forward_kl(student_logits, teacher_logits, mask, *, alpha=0.1, temperat
     ``alpha`` is a float or a per-sequence tensor ``[B]`` in [0, 1); alpha = 0 gives
     :func:`forward_kl`. Gradient flows through q inside the mixture. Returns ``[B, T]``.
     """
-    kernel = K.skew_kernel(K.skew_forward_kl, _check_alpha(alpha))
+    kernel = _skew_forward_kernel(alpha)
     return chunked_divergence(kernel, student_logits, teacher_logits, mask, alpha, temperature)
 
 
@@ -70,18 +88,15 @@ def skew_reverse_kl(
     v1) the gradient also flows through q'. The values are identical; only gradients differ.
     ``alpha`` is a float or ``[B]`` tensor in [0, 1); alpha = 0 gives :func:`reverse_kl`.
     """
-    lo = _check_alpha(alpha)
-    kernel = K.skew_kernel(K.skew_reverse_kl, lo) if detach_mixture else K.skew_reverse_kl_v1
+    kernel = _skew_reverse_kernel(alpha, detach_mixture)
     return chunked_divergence(kernel, student_logits, teacher_logits, mask, alpha, temperature)
 
 
 def generalized_jsd(student_logits, teacher_logits, mask, *, beta=0.5, temperature=1.0) -> Tensor:
     """Generalised JSD (GKD, Agarwal et al. 2024): beta KL(p||m) + (1-beta) KL(q||m), m = beta p +
     (1-beta) q, per token. ``beta`` in (0, 1). Returns ``[B, T]``."""
-    if not 0.0 < float(beta) < 1.0:
-        raise ValueError(f"generalized_jsd: beta must lie in (0, 1), got {beta}")
     return chunked_divergence(
-        K.generalized_jsd, student_logits, teacher_logits, mask, float(beta), temperature
+        K.generalized_jsd, student_logits, teacher_logits, mask, _check_jsd_beta(beta), temperature
     )
 
 

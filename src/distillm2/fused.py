@@ -42,7 +42,7 @@ from torch.autograd.function import once_differentiable
 
 from distillm2 import _kernels as K
 from distillm2._chunks import _chunk_rows as _kernel_rows
-from distillm2.divergences import _check_alpha
+from distillm2.divergences import _check_alpha, _skew_forward_kernel, _skew_reverse_kernel
 from distillm2.losses import DistiLLM2Output
 
 __all__ = [
@@ -350,8 +350,7 @@ def fused_skew_forward_kl(student_hidden, student_weight, teacher_hidden, teache
 
     As :func:`distillm2.losses.skew_forward_kl`, except that ``alpha`` is a float or a per-row
     ``[N]`` tensor (rows are already flattened; a per-sequence alpha is ``alpha[sequence]``)."""
-    kernel = K.skew_kernel(K.skew_forward_kl, _check_alpha(alpha))
-    return fused_divergence(kernel, student_hidden, student_weight, teacher_hidden,
+    return fused_divergence(_skew_forward_kernel(alpha), student_hidden, student_weight, teacher_hidden,
                             teacher_weight, alpha, temperature, **kw)
 
 
@@ -361,8 +360,7 @@ def fused_skew_reverse_kl(student_hidden, student_weight, teacher_hidden, teache
 
     As :func:`distillm2.losses.skew_reverse_kl` (``detach_mixture`` True: DistiLLM-2, q' under
     stop-gradient), with a float or per-row ``[N]`` ``alpha``."""
-    lo = _check_alpha(alpha)
-    kernel = K.skew_kernel(K.skew_reverse_kl, lo) if detach_mixture else K.skew_reverse_kl_v1
+    kernel = _skew_reverse_kernel(alpha, detach_mixture)
     return fused_divergence(kernel, student_hidden, student_weight, teacher_hidden, teacher_weight,
                             alpha, temperature, **kw)
 

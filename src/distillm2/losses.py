@@ -17,10 +17,12 @@ import torch
 from torch import Tensor
 
 from distillm2 import _kernels as K
-from distillm2._chunks import grouped_divergence
+from distillm2._chunks import chunked_divergence, grouped_divergence
 from distillm2._topk import TopKTeacher, coarse_pair
 from distillm2.divergences import (
-    _check_alpha,
+    _check_jsd_beta,
+    _skew_forward_kernel,
+    _skew_reverse_kernel,
     forward_kl,
     generalized_jsd,
     reverse_kl,
@@ -159,39 +161,27 @@ def _pair(r: RowInputs, p: LossParams) -> tuple[Tensor, Tensor, float]:
     return r.student, teacher, p.temperature
 
 
-def _kd(r, p):
-    s, t, tau = _pair(r, p)
-    return forward_kl(s, t, r.mask, temperature=tau)
+def _plain(kernel_of: Callable[[RowInputs, LossParams], tuple]) -> RowDivergence:
+    """A row divergence that is one chunked kernel of the student against the teacher (or its
+    top-k coarsening); ``kernel_of(row, params)`` gives the kernel and its per-row parameter.
+    Kept on the function, so that :func:`stacked_pair_loss` can run several in one pass."""
+
+    def divergence(r: RowInputs, p: LossParams) -> Tensor:
+        s, t, tau = _pair(r, p)
+        kernel, param = kernel_of(r, p)
+        return chunked_divergence(kernel, s, t, r.mask, param, tau)
+
+    divergence.kernel_of = kernel_of
+    return divergence
 
 
-def _rkl(r, p):
-    s, t, tau = _pair(r, p)
-    return reverse_kl(s, t, r.mask, temperature=tau)
-
-
-def _gkd(r, p):
-    s, t, tau = _pair(r, p)
-    return generalized_jsd(s, t, r.mask, beta=p.jsd_beta, temperature=tau)
-
-
-def _tvd(r, p):
-    s, t, tau = _pair(r, p)
-    return total_variation(s, t, r.mask, temperature=tau)
-
-
-def _skl(r, p):
-    s, t, tau = _pair(r, p)
-    return skew_forward_kl(s, t, r.mask, alpha=r.alpha, temperature=tau)
-
-
-def _srkl(r, p):
-    s, t, tau = _pair(r, p)
-    return skew_reverse_kl(s, t, r.mask, alpha=r.alpha, temperature=tau)
-
-
-def _srkl_v1(r, p):
-    s, t, tau = _pair(r, p)
-    return skew_reverse_kl(s, t, r.mask, alpha=r.alpha, detach_mixture=False, temperature=tau)
+_kd = _plain(lambda r, p: (K.forward_kl, None))
+_rkl = _plain(lambda r, p: (K.reverse_kl, None))
+_gkd = _plain(lambda r, p: (K.generalized_jsd, _check_jsd_beta(p.jsd_beta)))
+_tvd = _plain(lambda r, p: (K.total_variation, None))
+_skl = _plain(lambda r, p: (_skew_forward_kernel(r.alpha), r.alpha))
+_srkl = _plain(lambda r, p: (_skew_reverse_kernel(r.alpha), r.alpha))
+_srkl_v1 = _plain(lambda r, p: (_skew_reverse_kernel(r.alpha, detach_mixture=False), r.alpha))
 
 
 def teacher_nll(teacher: Tensor | TopKTeacher, labels: Tensor, mask: Tensor) -> Tensor:
@@ -315,30 +305,6 @@ def pair_loss(name: str, rows: dict[str, RowInputs], *, beta: float = 0.5, param
     return _combine(spec, beta, values, {w: rows[w].mask for w in spec.terms}, params)
 
 
-def _jsd_beta(p: LossParams) -> float:
-    if not 0.0 < float(p.jsd_beta) < 1.0:
-        raise ValueError(f"generalized_jsd: beta must lie in (0, 1), got {p.jsd_beta}")
-    return float(p.jsd_beta)
-
-
-def _skew(kernel):
-    return lambda r, p: (K.skew_kernel(kernel, _check_alpha(r.alpha)), r.alpha)
-
-
-# The kernel and per-row parameter behind each row divergence that is a plain chunked divergence
-# of the student against the teacher's logits (or, for _nll, the labels): these can share one
-# pass over stacked rows (stacked_pair_loss).
-_KERNEL_OF: dict[Callable, Callable[[RowInputs, LossParams], tuple]] = {
-    _kd: lambda r, p: (K.forward_kl, None),
-    _rkl: lambda r, p: (K.reverse_kl, None),
-    _gkd: lambda r, p: (K.generalized_jsd, _jsd_beta(p)),
-    _tvd: lambda r, p: (K.total_variation, None),
-    _skl: _skew(K.skew_forward_kl),
-    _srkl: _skew(K.skew_reverse_kl),
-    _srkl_v1: _skew(K.skew_reverse_kl_v1),
-}
-
-
 def stacked_pair_loss(name: str, student: Tensor, teacher, mask: Tensor, parts: dict[str, slice], *,
                       labels: Tensor | None = None, alphas: dict | None = None, beta: float = 0.5,
                       params: LossParams | None = None) -> LossOutput:
@@ -356,20 +322,20 @@ def stacked_pair_loss(name: str, student: Tensor, teacher, mask: Tensor, parts: 
     if missing:
         raise ValueError(f"loss {name!r} needs the {' and '.join(missing)} rows")
     alphas = alphas or {}
-    rows = {w: RowInputs(student[sl], None if teacher is None or isinstance(teacher, dict) else teacher[sl],
-                         mask[sl], None if labels is None else labels[sl], alphas.get(w, 0.1))
-            for w, sl in parts.items()}
-    if isinstance(teacher, dict):
-        for w in rows:
-            rows[w].teacher = teacher.get(w)
+
+    def teacher_part(w, sl):  # a dict teacher is the top-k cache: one entry per row kind
+        return teacher.get(w) if isinstance(teacher, dict) else None if teacher is None else teacher[sl]
+
+    rows = {w: RowInputs(student[sl], teacher_part(w, sl), mask[sl], None if labels is None else labels[sl],
+                         alphas.get(w, 0.1)) for w, sl in parts.items()}
     divergences = [div for _, div in spec.terms.values()]
     if all(div is _nll for div in divergences) and labels is not None:
         groups = [(K.cross_entropy, parts[w], None) for w in spec.terms]
         full, tau = labels, 1.0
-    elif isinstance(teacher, Tensor) and all(div in _KERNEL_OF for div in divergences):
+    elif isinstance(teacher, Tensor) and all(hasattr(div, "kernel_of") for div in divergences):
         groups = []
         for w, (_, div) in spec.terms.items():
-            kernel, param = _KERNEL_OF[div](rows[w], params)
+            kernel, param = div.kernel_of(rows[w], params)
             groups.append((kernel, parts[w], param))
         full, tau = teacher, params.temperature
     else:
