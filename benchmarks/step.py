@@ -1,7 +1,15 @@
-"""One training step, distillm2 against TRL's GKDTrainer, on identical token ids (issue #11, item 1).
+"""One training step, distillm2 against TRL's GKDTrainer, on identical token ids, in the fastest
+precision of the machine it runs on.
 
-    python benchmarks/step.py              # everything; writes docs/benchmarks/step.json + step.png
+    python benchmarks/step.py              # everything; writes docs/benchmarks/step-<dtype>.json + .png
     python benchmarks/step.py --quick      # 1 warm-up + 2 steps, one repetition, no profile (smoke test)
+    python benchmarks/step.py --dtype bf16 # force a precision (default auto: distillm2.precision's choice)
+
+Precision: ``--dtype auto`` takes what a run's ``auto`` takes on this CPU (bf16 where a GEMM probe
+shows it faster than float32 -- AMX, AVX512-BF16 -- float32 on an AVX2-only CPU), and every run,
+TRL's included, and the GEMM ceiling are in that precision: a bf16 comparison on a CPU without
+bf16 units would measure its scalar fallback, and a float32 one on a CPU with them would leave
+its fastest units idle.
 
 Set-up (cached under ``$DISTILLM2_CACHE``, default ``~/.cache/distillm2``):
 
@@ -13,26 +21,27 @@ Set-up (cached under ``$DISTILLM2_CACHE``, default ``~/.cache/distillm2``):
   16-layer student (``models.derive_student`` with layers 0-5, 20-29) saved as a plain HF directory
   ``bench-step/student``. Both systems load the same weights from these directories.
 - Data (``bench-step/data.json``): demo:train prompts through ``data.prompt_token_ids``; chosen =
-  the teacher's greedy responses (bf16 weights, at most 40 new tokens), rejected = the student's
-  sampled responses (temperature 0.8, top-p 0.95, seed 0). The ids stored are those of
+  the teacher's greedy responses (at most 40 new tokens, weights in the benchmark's precision),
+  rejected = the student's sampled responses (temperature 0.8, top-p 0.95, seed 0). The ids stored are those of
   ``data.encode`` applied to the decoded text, so the Trainer's own encoding reproduces them
   exactly (checked); how many differ from the generated ids is recorded.
 - Steps: ``train.plan_steps`` (seed 0) over 8-pair micro-batches. Step s of every run uses the same
   8 prompts: TRL GKD and our GKD train on their 8 teacher-response rows, DistiLLM-2 on those 8 rows
   plus the 8 student-response rows of the same prompts (16 rows).
 
-Runs, each in its own subprocess (peak RSS = VmHWM of /proc/self/status after the last step):
-``trl-gkd-{fp32,bf16}`` (GKDTrainer, beta 0.5, lmbda 0, seq_kd False; TRL's collator on the ids;
-``trainer.training_step`` + clip + optimizer/scheduler step + zero_grad as its inner loop does),
-``ours-gkd-{fp32,bf16}`` (Trainer.fit's step replicated with the library calls: ``stacked_pair_loss("gkd")``
-needs a chosen and a rejected row kind, so the 8 rows are passed as 4 + 4),
-``ours-distillm2-bf16`` (``distillm2.train.Trainer.fit`` itself; its per-step ``step_s``) and
-``ours-distillm2fused-bf16`` (the same with ``train.fused_loss``: the loss from hidden states). bf16 =
-autocast of the fp32-weight student plus, on our side, bf16 teacher weights (the project's
-defaults); TRL's bf16 = ``bf16=True`` (autocast of both fp32-weight models). Runs are interleaved
-(TRL, ours, ... then again); per run the median of the measured steps after the warm-up steps.
+Runs, each in its own subprocess (peak RSS = VmHWM of /proc/self/status after the last step), P
+the precision: ``trl-gkd-P`` (GKDTrainer, beta 0.5, lmbda 0, seq_kd False; TRL's collator on the
+ids; ``trainer.training_step`` + clip + optimizer/scheduler step + zero_grad as its inner loop
+does), ``ours-gkd-P`` (Trainer.fit's step replicated with the library calls:
+``stacked_pair_loss("gkd")`` needs a chosen and a rejected row kind, so the 8 rows are passed as
+4 + 4), ``ours-distillm2-P`` (``distillm2.train.Trainer.fit`` itself; its per-step ``step_s``) and
+``ours-distillm2fused-P`` (the same with ``train.fused_loss``: the loss from hidden states). bf16 =
+autocast of the fp32-weight student plus, on our side, bf16 teacher weights (what ``auto`` picks
+there); TRL's bf16 = ``bf16=True`` (autocast of both fp32-weight models); fp32 = no autocast, every
+weight float32, on both sides. Runs are interleaved (TRL, ours, ... then again); per run the
+median of the measured steps after the warm-up steps.
 
-Ceiling: bf16 ``torch.matmul`` rates of every GEMM shape of the step (forward, input gradient and
+Ceiling: ``torch.matmul`` rates in P of every GEMM shape of the step (forward, input gradient and
 weight gradient of each linear layer at the step's executed token count, and of lm_head at the
 positions whose logits are computed), best of 3. ``ceiling_fraction`` divides the DistiLLM-2 step's
 achieved rate, counting 2 N_teacher + 6 N_student FLOPs per executed token (padding included;
@@ -40,10 +49,11 @@ lm_head only at its logit positions; attention scores not counted), by the FLOP-
 those rates (the time the step's GEMM FLOPs take at the measured rates); the max single-shape
 rate is reported too.
 
-Then a torch.profiler (CPU) trace of 2 DistiLLM-2 bf16 steps after 2 untraced ones, driven
+Then a torch.profiler (CPU) trace of 2 DistiLLM-2 steps in P after 2 untraced ones, driven
 through Trainer.fit with record_function labels added around the library calls it makes.
 The last line printed is ``step: ratio_tokens_per_s=X ratio_peak_rss=Y ceiling_fraction=Z``
-(DistiLLM-2 bf16 against TRL GKD bf16: trained tokens/s ours/TRL, peak RSS ours/TRL).
+(DistiLLM-2 against TRL GKD in P: trained tokens/s ours/TRL, peak RSS ours/TRL), and the line
+before it names P.
 """
 
 from __future__ import annotations
@@ -61,16 +71,17 @@ from pathlib import Path
 
 import step_workers  # noqa: E402 - a sibling script: benchmarks/ is on sys.path
 from step_workers import (  # noqa: E402 - a sibling script: benchmarks/ is on sys.path
+    DTYPES,
     LR,
     MAX_NEW,
-    OUT_JSON,
+    OUT_DIR,
     ROOT,
     ROWS,
-    RUNS,
     STUDENT_LAYERS,
     TEACHER,
     ensure_trl_venv,
     env,
+    runs,
     work_dir,
     worker_gemm,
     worker_ours_distillm2,
@@ -101,7 +112,17 @@ def _generate(model, tok, prompt_ids, eot, sample: bool, seed: int, batch: int =
     return out
 
 
-def prepare(steps_needed: int) -> dict:
+def machine_precision(given: str) -> tuple[str, dict]:
+    """The benchmark's precision (``fp32`` or ``bf16``): ``given``, or for ``auto`` what
+    ``distillm2.precision`` chooses on this CPU for the teacher's shapes; and the probe's numbers."""
+    from distillm2 import precision
+
+    found = precision.verdict("cpu", *precision.model_dims(TEACHER))
+    chosen = given if given != "auto" else ("bf16" if found.weights == "bfloat16" else "fp32")
+    return chosen, {"auto_choice": found.weights, "reason": found.reason, "numbers": found.numbers}
+
+
+def prepare(steps_needed: int, precision: str) -> dict:
     """Teacher/student directories, the cached rows (ids) and the step plan; returns the spec."""
     from distillm2 import data, models
     from distillm2.config import TrainConfig
@@ -125,15 +146,17 @@ def prepare(steps_needed: int) -> dict:
     pool = max(n_pairs, 12 * ROWS)  # generated once for the default 2 + 10 steps
     data_path = wd / "data.json"
     cached = json.loads(data_path.read_text()) if data_path.exists() else None
-    if cached is None or cached["max_new"] != MAX_NEW or len(cached["rows"]) < n_pairs:
+    gen_dtype = DTYPES[precision]
+    if cached is None or cached["max_new"] != MAX_NEW or len(cached["rows"]) < n_pairs \
+            or cached.get("gen_dtype", "bfloat16") != gen_dtype:
         prompts = data.load_prompts("demo:train")[:pool]
         p_ids = [data.prompt_token_ids(tok, p["messages"]) for p in prompts]
         eot = data.end_of_turn_ids(tok)
         t0 = time.perf_counter()
-        teacher = models.load_model(teacher_dir, "bfloat16").eval()
+        teacher = models.load_model(teacher_dir, gen_dtype).eval()
         chosen = _generate(teacher, tok, p_ids, eot, sample=False, seed=0)
         del teacher
-        student = models.load_model(str(student_dir), "bfloat16").eval()
+        student = models.load_model(str(student_dir), gen_dtype).eval()
         rejected = _generate(student, tok, p_ids, eot, sample=True, seed=0)
         del student
         print(f"generated {2 * len(prompts)} responses in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -147,7 +170,7 @@ def prepare(steps_needed: int) -> dict:
                 differ += enc.response_ids != ids
                 row.update({which: text, f"{which}_finished": fin, f"{which}_ids": enc.response_ids})
             rows.append(row)
-        cached = {"max_new": MAX_NEW, "rows": rows, "reencode_differs": differ,
+        cached = {"max_new": MAX_NEW, "gen_dtype": gen_dtype, "rows": rows, "reencode_differs": differ,
                   "note": "ids = data.encode(decoded generation); reencode_differs counts responses whose ids changed"}
         data_path.write_text(json.dumps(cached))
     rows = cached["rows"][:n_pairs]
@@ -204,9 +227,9 @@ def flop_counts(cfg: dict) -> dict:
             "student_layers": len(STUDENT_LAYERS)}
 
 
-def choose_attention(spec: dict, given: str, rows: int, length: int) -> dict:
-    """Our models' attention: ``given``, or for ``auto`` the faster of sdpa and eager in a bf16
-    forward + backward of the student at the DistiLLM-2 step's shape, measured the way a run with
+def choose_attention(spec: dict, given: str, rows: int, length: int, precision: str) -> dict:
+    """Our models' attention: ``given``, or for ``auto`` the faster of sdpa and eager in a
+    forward + backward in ``precision`` of the student at the DistiLLM-2 step's shape, measured the way a run with
     ``models.attn_implementation: auto`` measures it (:func:`distillm2.models.measure_attention`)."""
     if given != "auto":
         return {"choice": given, "how": "given by --attn"}
@@ -215,7 +238,7 @@ def choose_attention(spec: dict, given: str, rows: int, length: int) -> dict:
     from distillm2 import models
 
     student = models.load_model(spec["student_dir"], "float32")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         seconds = models.measure_attention(student, rows, length)
     del student
     choice = min(seconds, key=seconds.get)
@@ -257,7 +280,7 @@ def summarize(name: str, results: list[dict], layouts: list[dict], warmup: int, 
     }
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, precision: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -274,7 +297,8 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(title)
         for i, v in enumerate(vals):
             ax.text(i, v, f"{v:.2f}" if v < 100 else f"{v:.0f}", ha="center", va="bottom", fontsize=8)
-    fig.suptitle("One training step, 2 CPU cores: TRL GKDTrainer (grey) vs distillm2 (blue); 8 prompts/step")
+    fig.suptitle(f"One training step ({precision}), {os.cpu_count()} CPU cores: TRL GKDTrainer (grey) vs distillm2 "
+                 "(blue); 8 prompts/step")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -283,7 +307,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", choices=("trl", "ours-gkd", "ours-distillm2", "ours-distillm2fused", "gemm",
                                          "profile"))
-    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--precision", default="bf16", help="workers: the precision they run in")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                    help="precision of every run and of the ceiling; auto: the machine's fastest (distillm2.precision)")
     ap.add_argument("--spec")
     ap.add_argument("--out")
     ap.add_argument("--tokens", type=int)
@@ -293,7 +319,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2, help="interleaved repetitions of every run")
     ap.add_argument("--quick", action="store_true", help="1 warm-up + 2 steps, 1 repetition, no profile")
     ap.add_argument("--no-profile", action="store_true")
-    ap.add_argument("--json", default=str(OUT_JSON))
+    ap.add_argument("--json", help="output JSON (default docs/benchmarks/step-<dtype>.json; the plot beside it)")
     ap.add_argument("--attn", default="auto",
                     help="attention implementation of our models: auto (measured at the step's shape, as a "
                          "run's models.attn_implementation: auto does), eager or sdpa")
@@ -310,9 +336,9 @@ def main() -> None:
         elif args.worker in ("ours-distillm2", "ours-distillm2fused"):
             worker_ours_distillm2(spec, args.precision, n, out, fused=args.worker.endswith("fused"))
         elif args.worker == "gemm":
-            worker_gemm(spec, args.tokens, args.lm, out)
+            worker_gemm(spec, args.tokens, args.lm, out, args.precision)
         else:
-            worker_profile(spec, out)
+            worker_profile(spec, out, precision=args.precision)
         return
 
     if args.quick:
@@ -322,7 +348,10 @@ def main() -> None:
 
     trl_python = ensure_trl_venv()
     n = args.steps + args.warmup
-    spec = prepare(n)
+    P, precision_info = machine_precision(args.dtype)
+    run_names = runs(P)
+    print(f"precision: {P} ({'given' if args.dtype != 'auto' else 'auto'}; {precision_info['reason']})", flush=True)
+    spec = prepare(n, P)
     spec_path = work_dir() / "spec.json"
     out_dir = work_dir() / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -331,13 +360,13 @@ def main() -> None:
     tokens = round(statistics.median(lay["exec"] for lay in d2))
     lm = round(statistics.median(lay["lm"] for lay in d2))
     common = ["--spec", str(spec_path), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    attention = choose_attention(spec, args.attn, rows=2 * ROWS, length=round(tokens / (2 * ROWS)))
+    attention = choose_attention(spec, args.attn, rows=2 * ROWS, length=round(tokens / (2 * ROWS)), precision=P)
     print(f"attention of our models: {attention['choice']} ({attention['how']})", flush=True)
-    gemm_args = ["--worker", "gemm", "--tokens", str(tokens), "--lm", str(lm), *common]
+    gemm_args = ["--worker", "gemm", "--tokens", str(tokens), "--lm", str(lm), "--precision", P, *common]
     gemms = [run_worker(sys.executable, gemm_args, out_dir / "gemm-0.json")]
-    results = {name: [] for name in RUNS}
+    results = {name: [] for name in run_names}
     for rep in range(args.reps):
-        for name in RUNS:
+        for name in run_names:
             system, loss, precision = name.split("-")
             if system == "trl":
                 python, wargs = str(trl_python), ["--worker", "trl"]
@@ -353,7 +382,7 @@ def main() -> None:
     fc = flop_counts(cfg)
     layout_key = {"trl": "trl8", "gkd": "gkd8", "distillm2": "distillm2_16", "distillm2fused": "distillm2_16"}
     table = []
-    for name in RUNS:
+    for name in run_names:
         system, loss = name.split("-")[:2]
         key = "trl8" if system == "trl" else layout_key[loss]
         table.append(summarize(name, results[name], [lay[key] for lay in layouts], args.warmup, fc))
@@ -377,16 +406,17 @@ def main() -> None:
     ceiling_max = max(s["gflops"] for s in shapes)
     for s in shapes:
         s["step_flops_share"] /= gemm_flops
-    ours, trl = rows["ours-distillm2-bf16"], rows["trl-gkd-bf16"]
+    ours, trl = rows[f"ours-distillm2-{P}"], rows[f"trl-gkd-{P}"]
     ratio_tok = ours["trained_tokens_per_s"] / trl["trained_tokens_per_s"]
     ratio_rss = ours["peak_rss_gib"] / trl["peak_rss_gib"]
     for r in table:
-        r["fraction_of_bf16_ceiling_mix"] = r["achieved_gflops"] / ceiling_mix
+        r["fraction_of_ceiling_mix"] = r["achieved_gflops"] / ceiling_mix
     ceiling_fraction = ours["achieved_gflops"] / ceiling_mix
 
     profile = None
     if not args.no_profile:
-        profile = run_worker(sys.executable, ["--worker", "profile", *common], out_dir / "profile.json")
+        profile = run_worker(sys.executable, ["--worker", "profile", "--precision", P, *common],
+                             out_dir / "profile.json")
 
     print()
     print(f"8 prompts per step (demo:train, teacher greedy responses <= {MAX_NEW} tokens; DistiLLM-2 adds the "
@@ -399,28 +429,31 @@ def main() -> None:
         print(f"| {r['run']} | {r['rows']} | {r['s_per_step']:.2f} | {r['trained_tokens_per_s']:.0f} | "
               f"{r['per_step_mean']['exec']:.0f} | {r['achieved_gflops']:.0f} | {r['peak_rss_gib']:.2f} |")
     print()
-    print(f"bf16 GEMM ceiling: FLOP-weighted mix {ceiling_mix:.0f} GFLOP/s (max single shape {ceiling_max:.0f}); "
-          f"DistiLLM-2 bf16 step reaches {ours['achieved_gflops']:.0f} GFLOP/s")
+    print(f"{P} GEMM ceiling: FLOP-weighted mix {ceiling_mix:.0f} GFLOP/s (max single shape {ceiling_max:.0f}); "
+          f"DistiLLM-2 {P} step reaches {ours['achieved_gflops']:.0f} GFLOP/s")
     if profile:
         print()
-        print("profile (DistiLLM-2 bf16, s per step, inclusive per phase):",
+        print(f"profile (DistiLLM-2 {P}, s per step, inclusive per phase):",
               ", ".join(f"{k} {v:.2f}" for k, v in profile["phase_s"].items()))
         for phase, cats in profile["by_phase_category_s"].items():
             print(f"  {phase}: " + ", ".join(f"{c} {v:.2f}" for c, v in cats.items() if v >= 0.005))
 
     result = {
-        "benchmark": "one training step: TRL GKDTrainer vs distillm2 (issue #11 item 1)",
+        "benchmark": "one training step: TRL GKDTrainer vs distillm2, in the machine's fastest precision",
         "command": "python benchmarks/step.py" + (" --quick" if args.quick else "")
-                   + (f" --attn {args.attn}" if args.attn != "auto" else ""),
+                   + (f" --attn {args.attn}" if args.attn != "auto" else "")
+                   + (f" --dtype {args.dtype}" if args.dtype != "auto" else ""),
+        "dtype": P, "precision": precision_info,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "cpu": precision_info["numbers"].get("cpu"), "isa": torch.backends.cpu.get_cpu_capability(),
                     "torch_threads": torch.get_num_threads(), "python": platform.python_version()},
         "loadavg": {"start": load_start, "end": os.getloadavg()},
         "wall_s": time.time() - started,
         "setup": {"teacher": TEACHER, "student_layers": STUDENT_LAYERS, "rows_per_step": ROWS,
-                  "max_new_tokens": MAX_NEW, "chosen": "teacher greedy (bf16 weights)",
-                  "rejected": "student sampled (bf16 weights, T 0.8, top-p 0.95, seed 0)",
+                  "max_new_tokens": MAX_NEW, "chosen": f"teacher greedy ({DTYPES[P]} weights)",
+                  "rejected": f"student sampled ({DTYPES[P]} weights, T 0.8, top-p 0.95, seed 0)",
                   "reencode_differs": spec["reencode_differs"], "warmup": args.warmup, "steps": args.steps,
-                  "reps": args.reps, "order": RUNS, "lr": LR,
+                  "reps": args.reps, "order": run_names, "lr": LR,
                   "trl": "GKDTrainer beta 0.5 lmbda 0 seq_kd False; training_step + clip + optimizer/scheduler step "
                          "+ zero_grad on DataCollatorForChatML batches of the same ids",
                   "ours_gkd": "Trainer.fit step replicated with collate/response_logits/stacked_pair_loss('gkd', 4+4 rows, "
@@ -439,16 +472,18 @@ def main() -> None:
         "ratio_peak_rss": ratio_rss,
         "ceiling_fraction": ceiling_fraction,
         "ceiling_fraction_of_max": ours["achieved_gflops"] / ceiling_max,
-        "gkd_vs_gkd_bf16": {"ratio_tokens_per_s": rows["ours-gkd-bf16"]["trained_tokens_per_s"]
-                            / trl["trained_tokens_per_s"],
-                            "ratio_peak_rss": rows["ours-gkd-bf16"]["peak_rss_gib"] / trl["peak_rss_gib"]},
+        "gkd_vs_gkd": {"ratio_tokens_per_s": rows[f"ours-gkd-{P}"]["trained_tokens_per_s"]
+                       / trl["trained_tokens_per_s"],
+                       "ratio_peak_rss": rows[f"ours-gkd-{P}"]["peak_rss_gib"] / trl["peak_rss_gib"]},
         "profile": profile,
     }
-    json_path = Path(args.json)
+    json_path = Path(args.json or OUT_DIR / f"step-{P}.json")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1))
-    plot(table, json_path.with_suffix(".png"))
+    plot(table, json_path.with_suffix(".png"), f"{P}, {precision_info['numbers'].get('cpu', '')}")
     print(f"\nwrote {json_path} and {json_path.with_suffix('.png')}")
+    print(f"step ({P}, {precision_info['numbers'].get('isa', '')}): trained tokens/s ours/TRL, peak RSS ours/TRL, "
+          f"fraction of the {P} GEMM ceiling")
     print(f"step: ratio_tokens_per_s={ratio_tok:.2f} ratio_peak_rss={ratio_rss:.2f} ceiling_fraction={ceiling_fraction:.2f}")
 
 

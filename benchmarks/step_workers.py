@@ -13,15 +13,21 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT_JSON = ROOT / "docs" / "benchmarks" / "step.json"
-OUT_PNG = ROOT / "docs" / "benchmarks" / "step.png"
+OUT_DIR = ROOT / "docs" / "benchmarks"  # step-<dtype>.json and .png
 TEACHER = "smollm2-135m-instruct"
 STUDENT_LAYERS = [0, 1, 2, 3, 4, 5, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29]
 ROWS = 8  # sequences (pairs) per step
 MAX_NEW = 40  # new tokens per response: ~40 prompt + ~40 response = ~80 real tokens a row, ~640 a step
 LR = 5e-5
-RUNS = ["trl-gkd-fp32", "ours-gkd-fp32", "trl-gkd-bf16", "ours-gkd-bf16", "ours-distillm2-bf16",
-        "ours-distillm2fused-bf16"]
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # the benchmark's precision names -> torch dtype names
+
+
+def runs(precision: str) -> list[str]:
+    """The runs of one benchmark, all in ``precision`` (the machine's fastest, by default)."""
+    return [f"trl-gkd-{precision}", f"ours-gkd-{precision}", f"ours-distillm2-{precision}",
+            f"ours-distillm2fused-{precision}"]
+
+
 TRL_PIP = ["torch==2.13.0", "trl"]
 
 
@@ -142,8 +148,7 @@ def _ours_setup(spec, precision):
     acc = distributed.make_accelerator("bf16" if precision == "bf16" else "no")
     tok = models.load_tokenizer(spec["teacher_dir"])
     student = models.load_model(spec["student_dir"], "float32", attn_implementation=ATTN)
-    teacher = models.load_model(spec["teacher_dir"], "bfloat16" if precision == "bf16" else "float32",
-                                attn_implementation=ATTN)
+    teacher = models.load_model(spec["teacher_dir"], DTYPES[precision], attn_implementation=ATTN)
     vocab = models.check_tokenizers(tok, tok, teacher, student)
     return acc, tok, student, teacher, vocab
 
@@ -271,21 +276,22 @@ def gemm_shapes(cfg: dict, tokens: int, lm: int) -> list[dict]:
     return out
 
 
-def worker_gemm(spec: dict, tokens: int, lm: int, out: Path) -> None:
+def worker_gemm(spec: dict, tokens: int, lm: int, out: Path, precision: str = "bf16") -> None:
     import torch
 
+    dtype = getattr(torch, DTYPES[precision])
     cfg = json.loads((Path(spec["teacher_dir"]) / "config.json").read_text())
     shapes = gemm_shapes(cfg, tokens, lm)
     for s in shapes:
         m, k, n = s["m"], s["k"], s["n"]
         if s["kind"] == "fwd":  # F.linear: x [m, k] @ W.T, W [n, k]
-            a, w = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(n, k, dtype=torch.bfloat16)
+            a, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
             fn = lambda a=a, w=w: torch.matmul(a, w.t())  # noqa: E731
         elif s["kind"] == "dgrad":  # g [m, k] @ W, W [k, n]
-            a, w = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(k, n, dtype=torch.bfloat16)
+            a, w = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
             fn = lambda a=a, w=w: torch.matmul(a, w)  # noqa: E731
         else:  # g.T @ x: g [k, m], x [k, n]
-            a, w = torch.randn(k, m, dtype=torch.bfloat16), torch.randn(k, n, dtype=torch.bfloat16)
+            a, w = torch.randn(k, m, dtype=dtype), torch.randn(k, n, dtype=dtype)
             fn = lambda a=a, w=w: torch.matmul(a.t(), w)  # noqa: E731
         for _ in range(3):
             fn()
@@ -325,8 +331,8 @@ def _category(name: str, shapes, vocab: int) -> str:
     return "other elementwise/overhead"
 
 
-def worker_profile(spec: dict, out: Path, vocab: int = 49152) -> None:
-    """Trainer.fit on DistiLLM-2 bf16 under torch.profiler: 2 untraced steps, 2 traced; the library
+def worker_profile(spec: dict, out: Path, vocab: int = 49152, precision: str = "bf16") -> None:
+    """Trainer.fit on DistiLLM-2 in ``precision`` under torch.profiler: 2 untraced steps, 2 traced; the library
     calls Trainer.fit makes are wrapped in record_function labels (no change to their work)."""
     from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
@@ -337,7 +343,7 @@ def worker_profile(spec: dict, out: Path, vocab: int = 49152) -> None:
     train_mod = sys.modules["distillm2.train"]  # the package exports a function named train
 
     stage_dir = work_dir() / "runs" / f"profile-{os.getpid()}"
-    trainer, acc = _trainer_for(spec, "bf16", 4, stage_dir)
+    trainer, acc = _trainer_for(spec, precision, 4, stage_dir)
     checkpoint.save_checkpoint = lambda *a, **k: None
 
     def label(name, fn):

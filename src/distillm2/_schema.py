@@ -68,8 +68,8 @@ def _build(cls, data, where: str):
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value, key + ".")
             continue
-        value = _coerce(value, hint, key)
         valid = resolve_choices(fields[name].metadata.get("choices"))
+        value = _coerce(_yaml_word(value, valid), hint, key)
         if valid is not None and value is not None:
             for item in value if isinstance(value, list) else [value]:
                 if item not in valid:
@@ -77,6 +77,19 @@ def _build(cls, data, where: str):
                     raise ConfigError(f"{key}: unknown {noun} {item!r}; valid: {', '.join(map(str, valid))}")
         kwargs[name] = value
     return cls(**kwargs)
+
+
+# YAML 1.1 reads these words as booleans; a choice-valued field that has one of them among its
+# choices means the word (``train.mixed_precision: no``, ``--set train.mixed_precision=no``).
+_BOOL_WORDS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+
+
+def _yaml_word(value, valid):
+    if isinstance(value, bool) and valid:
+        for word in _BOOL_WORDS[value]:
+            if word in valid:
+                return word
+    return value
 
 
 def _scalar(value, kind):
@@ -127,7 +140,8 @@ def _coerce(value, hint, key):
         except TypeError:
             continue
     expected = " or ".join(_type_name(o) for o in options)
-    raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+    hint = " (YAML reads yes/no/on/off as booleans: quote the word)" if isinstance(value, bool) and str in options else ""
+    raise ConfigError(f"{key}: expected {expected}, got {value!r}{hint}")
 
 
 def _type_name(hint) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from distillm2 import models, vision
+from distillm2 import models, precision, vision
 from distillm2.config import RunConfig
 from distillm2.data import load_prompts
 from distillm2.errors import ConfigError, UserError
@@ -78,6 +78,18 @@ def _lora_params(model, r: int, frozen=None) -> int:
                if isinstance(m, torch.nn.Linear) and m is not head and id(m) not in skip)
 
 
+def _planned_precision(cfg: RunConfig, plan: Plan) -> RunConfig:
+    """``cfg`` with its ``auto`` precisions as the planned device gets them: this machine's CUDA
+    device when it has one, else a GPU with bf16 (the device memory the plan is for is a GPU's)."""
+    if torch.cuda.is_available():
+        found = precision.verdict(precision.run_device())
+    else:
+        found = precision.Verdict("cuda", "bfloat16", "planned for a GPU with bf16")
+        plan.unchecked.append("precision auto counted as on a GPU with bf16; a CPU without bf16 units runs the "
+                              "teacher and sampling in float32 (twice their memory)")
+    return precision.apply_verdict(cfg, found)
+
+
 def plan_run(cfg: RunConfig, processes: int = 1, engine: str = "ddp", device_gib: float | None = None) -> Plan:
     """The effective batch, steps and per-device memory estimate of ``cfg`` on ``processes``
     processes under ``engine`` (``ddp``, ``fsdp`` or ``zero3``)."""
@@ -86,6 +98,7 @@ def plan_run(cfg: RunConfig, processes: int = 1, engine: str = "ddp", device_gib
     if device_gib is None:
         device_gib = torch.cuda.get_device_properties(0).total_memory / GIB if torch.cuda.is_available() else 80.0
     plan = Plan(processes=processes, engine=engine, device_gib=device_gib)
+    cfg = _planned_precision(cfg, plan)
     mc, tc = cfg.models, cfg.train
     plan.effective_batch = tc.batch_size * tc.grad_accum * processes
     try:

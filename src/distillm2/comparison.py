@@ -97,7 +97,7 @@ def _one_seed(cfg: CompareConfig, root: Path, seed: int, sets: list[str], force:
         results[source] = evaluate_models(candidates, teacher=shared.teacher, teacher_source=cfg.models.teacher,
                                           tokenizer=shared.tokenizer, vocab=shared.vocab,
                                           eval_cfg=dataclasses.replace(cfg.eval, prompts=source),
-                                          generation=cfg.generation, out_dir=folder, accelerator=shared.acc,
+                                          generation=shared.cfg.generation, out_dir=folder, accelerator=shared.acc,
                                           seed=seed, max_prompt_length=cfg.data.max_prompt_length)
         per_prompt[source] = _per_prompt_rouge(folder, list(candidates))
     return results, per_prompt, methods, shared

@@ -31,7 +31,8 @@ from distillm2._schema import (  # noqa: F401 - the loader is part of this modul
 from distillm2.errors import ConfigError  # noqa: F401 - re-exported
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-AUTO_DTYPE_NAMES = ("auto", *DTYPE_NAMES)  # auto: bfloat16 on an accelerator, float32 on the CPU
+# auto: chosen for the device by distillm2.precision (bf16 only where it runs fast, measured).
+AUTO_DTYPE_NAMES = ("auto", *DTYPE_NAMES)
 
 
 @dataclass
@@ -43,8 +44,11 @@ class ModelsConfig:
     student_layers: list[int] | None = opt(None, "teacher layers a derived student keeps (increasing indices)")
     student_num_layers: int | None = opt(
         None, "or keep this many evenly spaced layers; with neither set, half the teacher's layers")
-    dtype: str = opt("float32", "weights of the trained student", choices=DTYPE_NAMES)
-    teacher_dtype: str = opt("bfloat16", "weights of the frozen teacher (bf16 halves its cost)", choices=DTYPE_NAMES)
+    dtype: str = opt("auto", "weights of the trained student (auto: float32, the master weights autocast computes "
+                     "from)", choices=AUTO_DTYPE_NAMES)
+    teacher_dtype: str = opt("auto", "weights of the frozen teacher; auto: bf16 where this device runs it fast "
+                             "(measured on a CPU; compute capability >= 8 on CUDA), fp16 on older GPUs, else float32",
+                             choices=AUTO_DTYPE_NAMES)
     attn_implementation: str | None = opt(
         "auto", "attention kernel (sdpa, eager, flash_attention_2, ...); auto: the faster of sdpa and eager for "
         "this device and the run's shapes, measured once and kept in RUN/attention.json")
@@ -99,8 +103,8 @@ class GenerationConfig:
     top_p: float = opt(0.95, "nucleus sampling threshold (the paper's 0.95)")
     greedy: bool = opt(False, "greedy decoding instead of sampling")
     batch_size: int = opt(16, "prompts per generation batch (HF backend)")
-    dtype: str = opt("bfloat16", "weights used for sampling (HF backend; bf16 is ~2x faster on CPU)",
-                     choices=DTYPE_NAMES)
+    dtype: str = opt("auto", "weights used for sampling (auto: as models.teacher_dtype's auto; bf16 samples ~2x "
+                     "faster on a CPU with bf16 units, ~40x slower on one without)", choices=AUTO_DTYPE_NAMES)
     teacher_per_round: bool = opt(False, "regenerate the teacher's responses every round")
     vllm_tensor_parallel_size: int = opt(1, "vLLM: GPUs per engine")
     vllm_gpu_memory_utilization: float = opt(
@@ -134,7 +138,9 @@ class TrainConfig:
     batch_size: int = opt(4, "pairs per micro-batch per process (2 rows each for two-row losses)")
     grad_accum: int = opt(1, "micro-batches per optimiser step")
     epochs: float = opt(1.0, "passes over the pairs per round")
-    mixed_precision: str = opt("bf16", "autocast of the student (accelerate's names)", choices=("no", "bf16", "fp16"))
+    mixed_precision: str = opt("auto", "autocast of the student (accelerate's names); auto: bf16 where this device "
+                               "runs it fast, fp16 with gradient scaling on GPUs without bf16, else no",
+                               choices=("auto", "no", "bf16", "fp16"))
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass")
     reduction: str = opt("sequence", "per-pair token means (the paper) or one token mean",
                          choices=("sequence", "token"))
@@ -321,8 +327,8 @@ class EvaluateConfig:
     max_new_tokens: int = opt(256, "greedy tokens per answer")
     max_prompt_length: int = opt(512, "prompt tokens kept (the last ones)")
     batch_size: int = opt(16, "rows per batch")
-    dtype: str = opt("auto", "weights of the evaluated models (auto: bf16 on a GPU, float32 on the CPU)",
-                     choices=AUTO_DTYPE_NAMES)
+    dtype: str = opt("auto", "weights of the evaluated models (auto: bf16 where this device runs it fast, fp16 on "
+                     "GPUs without bf16, else float32)", choices=AUTO_DTYPE_NAMES)
     device: str = opt("auto", "cpu, cuda, cuda:1, ...; auto: the first GPU when there is one")
     speculative_tokens: int = opt(5, "speculative: draft tokens per verification round")
     export_alpaca_eval: str | None = opt(None, "folder for AlpacaEval's model_outputs.json (+ reference_outputs)")

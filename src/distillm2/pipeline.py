@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from distillm2 import distributed, models, vision
+from distillm2 import distributed, models, precision, vision
 from distillm2.checkpoint import remove_checkpoint
 from distillm2.config import LossConfig, RunConfig, TrainStageConfig, to_yaml
 from distillm2.data import load_prompts
@@ -59,16 +59,19 @@ def tracker_config(cfg) -> dict:
             for k, v in _flat(yaml.safe_load(to_yaml(cfg))).items() if v is not None}
 
 
-def check_saved_config(run_dir: Path, cfg, force: bool) -> None:
+def check_saved_config(run_dir: Path, cfg, force: bool, resolved=None) -> None:
     """Refuse a run directory whose saved config differs from ``cfg`` in anything that changes
-    results (its finished stages would be silently reused), unless ``force``."""
+    results (its finished stages would be silently reused), unless ``force``. ``resolved``: the
+    same config with its ``auto`` precisions resolved; a saved explicit value equal to what
+    ``auto`` resolves to is no change (a run made before ``auto`` was the default)."""
     saved = Path(run_dir) / "config.yaml"
     if not saved.exists():
         return
     old, new = _flat(yaml.safe_load(saved.read_text()) or {}), _flat(yaml.safe_load(to_yaml(cfg)))
+    also = _flat(yaml.safe_load(to_yaml(resolved))) if resolved is not None else new
     # A key added after the run was made behaved as its default there (e.g. models.freeze_vision_tower).
     defaults = _flat(yaml.safe_load(to_yaml(type(cfg)())))
-    changed = sorted(k for k in set(old) | set(new) if old.get(k, defaults.get(k)) != new.get(k)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k, defaults.get(k)) not in (new.get(k), also.get(k))
                      and not any(k == p or (p.endswith(".") and k.startswith(p)) for p in NOT_RESULT_KEYS))
     if "rounds" in changed and isinstance(old.get("rounds"), int) and new["rounds"] > old["rounds"]:
         changed.remove("rounds")  # more rounds continue a run; the finished ones stay as they are
@@ -91,14 +94,18 @@ class Run:
     def __init__(self, cfg: RunConfig, prompts: list[dict] | None = None, teacher=None, force: bool = False,
                  topk_dir: str | Path | None = None):
         setup_logging()
-        self.cfg = cfg
         self.dir = Path(cfg.output_dir)
+        # ``auto`` precisions resolved for this machine (or as the run recorded them); the config
+        # as given is what config.yaml keeps, so that a rerun of the same command matches it.
+        given = cfg
+        cfg, self._precision_record = precision.resolve_run(cfg, self.dir)
+        self.cfg = cfg
         self.topk_dir = Path(topk_dir) if topk_dir is not None else self.dir / "teacher-topk"
         self.acc = distributed.make_accelerator(cfg.train.mixed_precision, cfg.train.report_to, self.dir / "logs")
         self.main = self.acc.is_main_process
         if cfg.rounds > 0:  # before any work: the rounds' loss must be one the cache can serve
             check_topk(cfg.train.teacher_topk, cfg.loss.name, cfg.train.fused_loss, self.acc.num_processes)
-        check_saved_config(self.dir, cfg, force)
+        check_saved_config(self.dir, given, force, resolved=cfg)
         if cfg.train.report_to:
             name = cfg.train.run_name or self.dir.name
             self.acc.init_trackers(cfg.train.project, config=tracker_config(cfg),
@@ -131,7 +138,9 @@ class Run:
             models.check_tokenizers(teacher_tok, self.tokenizer, teacher_module, new_student)
         if self.main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.dir / "config.yaml", to_yaml(cfg))
+            write_text_atomic(self.dir / "config.yaml", to_yaml(given))
+            if self._precision_record is not None:
+                write_json_atomic(self.dir / "precision.json", self._precision_record)
             if new_prompts is not None:
                 write_jsonl(prompts_path, new_prompts)
             if new_student is not None:
@@ -170,6 +179,9 @@ class Run:
             known = models.cache_dir() / "attention.json"  # measured once per machine, model and shape
             table = json.loads(known.read_text()) if known.exists() else {}
             if key not in table:
+                logger.info("attention: timing %s for [%d x %d] training rows on a one-layer copy of the student "
+                            "(once per machine and shape, a few seconds)", " and ".join(models.ATTENTION_CANDIDATES),
+                            rows, length)
                 with self.acc.autocast():
                     times = models.measure_attention(student.to(self.acc.device), rows, length)
                 table[key] = {"choice": min(times, key=times.get), "seconds": times}

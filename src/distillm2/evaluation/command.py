@@ -19,7 +19,7 @@ import platform
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from distillm2 import models
+from distillm2 import models, precision
 from distillm2._version import __version__
 from distillm2.config import EvaluateConfig
 from distillm2.data import load_prompts
@@ -124,7 +124,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     cache = out.with_name(out.stem + ".cache")
     cache.mkdir(parents=True, exist_ok=True)
     device = models.pick_device(cfg.device)
-    cfg = dataclasses.replace(cfg, dtype=models.pick_dtype(cfg.dtype, device))
+    cfg = dataclasses.replace(cfg, dtype=precision.resolve_weights(cfg.dtype, device, cfg.model or cfg.teacher))
     ctx = EvalContext(cfg=cfg, cache=cache, device=device)
     if cfg.export_alpaca_eval or any(task_spec(t).needs_prompts or task_spec(t).needs_references for t in cfg.tasks):
         ctx.prompts = load_prompts(cfg.prompts, limit=cfg.limit)

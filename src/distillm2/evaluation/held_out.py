@@ -19,17 +19,14 @@ from distillm2 import distributed, models
 from distillm2.config import GenerationConfig, RunEvalConfig
 from distillm2.data import load_prompts
 from distillm2.evaluation.identity import cache_key, claim, model_identity, read_keyed_json
-from distillm2.evaluation.metrics import own_output_metrics, rouge_summary, teacher_forced_kl
+from distillm2.evaluation.metrics import own_metrics_from, own_output_metrics, rouge_summary, teacher_forced_kls
 from distillm2.files import write_json_atomic, write_jsonl
 from distillm2.generation import generate_responses
 
 
-def _cached_json(path: Path, key: str, compute, main: bool) -> dict:
-    """The value cached in ``path`` for ``key``, else ``compute()`` (written by the main process)."""
-    cached = read_keyed_json(path, key)
-    if cached is not None:
-        return cached
-    value = {"key": key, **compute()}
+def _stored(path: Path, key: str, value: dict, main: bool) -> dict:
+    """``value`` with its cache ``key``, written to ``path`` by the main process."""
+    value = {"key": key, **value}
     if main:
         write_json_atomic(path, value, indent=None)
     return value
@@ -73,24 +70,34 @@ def evaluate_models(candidates: dict[str, Path | None], *, teacher, teacher_sour
     reference = {r["id"]: r["response"] for r in outputs["teacher"]}
     scoring = {"teacher": teacher_id, "teacher_dtype": str(teacher_param.dtype), "device": teacher_param.device.type,
                "batch_size": eval_cfg.batch_size, "max_prompt_length": max_prompt_length}
+    # The teacher's forward over its own greedy outputs serves every candidate's KL and the
+    # teacher's own-output NLL: it runs once (teacher_forced_kls) for whatever is not cached.
+    own_keys = {name: cache_key(outputs=keys[name], **scoring) for name in candidates}
+    kl_keys = {name: cache_key(model=identity[name], outputs=keys["teacher"], **scoring)
+               for name, path in candidates.items() if path is not None}
+    own = {name: read_keyed_json(out_dir / f"{name}.own.json", key) for name, key in own_keys.items()}
+    kl = {name: read_keyed_json(out_dir / f"{name}.kl.json", key) for name, key in kl_keys.items()}
+    missing = [name for name in kl if kl[name] is None]
+    lengths = {"batch_size": eval_cfg.batch_size, "max_prompt_length": max_prompt_length}
+    if missing or own["teacher"] is None:
+        kls, teacher_own = teacher_forced_kls({name: loaded[name] for name in missing}, teacher, tokenizer, prompts,
+                                              outputs["teacher"], vocab, desc="kl " + ", ".join(missing or ["teacher"]),
+                                              **lengths)
+        for name in missing:
+            kl[name] = _stored(out_dir / f"{name}.kl.json", kl_keys[name], kls[name], main)
+        if own["teacher"] is None:
+            own["teacher"] = _stored(out_dir / "teacher.own.json", own_keys["teacher"],
+                                     own_metrics_from(tokenizer, outputs["teacher"], teacher_own), main)
     results = {}
-    for name, path in candidates.items():
+    for name in candidates:
+        if own[name] is None:
+            own[name] = _stored(out_dir / f"{name}.own.json", own_keys[name], own_output_metrics(
+                teacher, tokenizer, prompts, outputs[name], vocab, desc=f"own outputs {name}", **lengths), main)
         results[name] = rouge_summary({r["id"]: r["response"] for r in outputs[name]}, reference)
-        own = _cached_json(out_dir / f"{name}.own.json", cache_key(outputs=keys[name], **scoring),
-                           lambda name=name: own_output_metrics(teacher, tokenizer, prompts, outputs[name], vocab,
-                                                                batch_size=eval_cfg.batch_size,
-                                                                max_prompt_length=max_prompt_length,
-                                                                desc=f"own outputs {name}"), main)
-        results[name].update({k: own[k] for k in ("teacher_nll_own_outputs", "distinct_2", "repeated_4gram_share")})
-        if path is None:
+        results[name].update({k: own[name][k] for k in ("teacher_nll_own_outputs", "distinct_2",
+                                                        "repeated_4gram_share")})
+        if name in kl:
+            results[name].update(kl_teacher_responses=kl[name]["forward_kl"], nll_teacher_responses=kl[name]["nll"])
+        else:
             results[name].update(kl_teacher_responses=0.0)
-            continue
-        kl = _cached_json(out_dir / f"{name}.kl.json",
-                          cache_key(model=identity[name], outputs=keys["teacher"], **scoring),
-                          lambda name=name: teacher_forced_kl(loaded[name], teacher, tokenizer, prompts,
-                                                              outputs["teacher"], vocab,
-                                                              batch_size=eval_cfg.batch_size,
-                                                              max_prompt_length=max_prompt_length,
-                                                              desc=f"kl {name}"), main)
-        results[name].update(kl_teacher_responses=kl["forward_kl"], nll_teacher_responses=kl["nll"])
     return results

@@ -63,30 +63,46 @@ def rouge_summary(predictions: dict[str, str], references: dict[str, str]) -> di
     return {"rouge_l": sum(scores) / len(scores), "rouge_l_ci95": list(bootstrap_ci(scores)), "n": len(ids)}
 
 
-@torch.no_grad()
 def teacher_forced_kl(student, teacher, tokenizer, prompts: list[dict], responses: list[dict],
                       vocab: int, batch_size: int = 8, max_prompt_length=512, max_length=1024,
                       desc="kl") -> dict:
     """Token-weighted mean KL(teacher || student) and student NLL on ``responses`` (rows with
     ``id``, ``response``, ``finish_reason``), joined to ``prompts`` by id."""
+    return teacher_forced_kls({"student": student}, teacher, tokenizer, prompts, responses, vocab, batch_size,
+                              max_prompt_length, max_length, desc)[0]["student"]
+
+
+@torch.no_grad()
+def teacher_forced_kls(students: dict, teacher, tokenizer, prompts: list[dict], responses: list[dict],
+                       vocab: int, batch_size: int = 8, max_prompt_length=512, max_length=1024,
+                       desc="kl") -> tuple[dict[str, dict], dict]:
+    """:func:`teacher_forced_kl` of several ``students`` (name -> model) on the same ``responses``
+    with one teacher forward per batch, and the teacher's own token-weighted NLL of those
+    responses from that forward: ``({name: {"forward_kl", "nll", "tokens"}}, {"nll", "tokens"})``.
+    The teacher's forward is the costly half of every KL (and, on its own greedy outputs, all of
+    its own-output NLL): an evaluation of k students runs it once instead of k + 1 times."""
     rows = encode_responses(tokenizer, prompts, responses, max_prompt_length, max_length)
-    device = next(student.parameters()).device
-    kl_sum = nll_sum = 0.0
-    tokens = 0
-    student.eval()
+    device = next(teacher.parameters()).device
+    sums = {name: [0.0, 0.0] for name in students}
+    teacher_nll_sum, tokens = 0.0, 0
     teacher.eval()
+    for model in students.values():
+        model.eval()
     with progress_bar(total=len(rows), desc=desc, unit="row") as bar:
         for i in range(0, len(rows), batch_size):
             batch = collate(rows[i : i + batch_size], tokenizer.pad_token_id).to(device)
-            s = response_logits(student, batch, vocab)
             t = response_logits(teacher, batch, vocab)
-            kl_sum += float(forward_kl(s, t, batch.mask).sum())
-            nll_sum += float(token_cross_entropy(s, batch.labels, batch.mask).sum())
+            teacher_nll_sum += float(token_cross_entropy(t, batch.labels, batch.mask).sum())
+            for name, student in students.items():
+                s = response_logits(student, batch, vocab)
+                sums[name][0] += float(forward_kl(s, t, batch.mask).sum())
+                sums[name][1] += float(token_cross_entropy(s, batch.labels, batch.mask).sum())
             tokens += batch.num_tokens
             bar.update(len(rows[i : i + batch_size]))
     if tokens == 0:
         raise ValueError("teacher_forced_kl: no response tokens to score")
-    return {"forward_kl": kl_sum / tokens, "nll": nll_sum / tokens, "tokens": tokens}
+    kls = {name: {"forward_kl": kl / tokens, "nll": nll / tokens, "tokens": tokens} for name, (kl, nll) in sums.items()}
+    return kls, {"nll": teacher_nll_sum / tokens, "tokens": tokens}
 
 
 @torch.no_grad()
@@ -149,5 +165,11 @@ def own_output_metrics(teacher, tokenizer, prompts: list[dict], responses: list[
     Repetition is counted on the tokenizer's tokens of each response text."""
     nll = teacher_nll(teacher, tokenizer, prompts, responses, vocab, batch_size, max_prompt_length, max_length,
                       desc=desc)
+    return own_metrics_from(tokenizer, responses, nll)
+
+
+def own_metrics_from(tokenizer, responses: list[dict], nll: dict) -> dict:
+    """:func:`own_output_metrics` given the teacher's NLL of ``responses`` (``{"nll", "tokens"}``,
+    e.g. from :func:`teacher_forced_kls` when they are the teacher's own outputs)."""
     ids = [tokenizer(r["response"], add_special_tokens=False)["input_ids"] for r in responses]
     return {"teacher_nll_own_outputs": nll["nll"], **repetition(ids), "n": len(responses), "tokens": nll["tokens"]}

@@ -20,10 +20,11 @@ Image prompts run with ``hf`` only: the other backends and interleaved sampling 
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
-from distillm2 import distributed, models, vision
+from distillm2 import distributed, models, precision, vision
 from distillm2.config import GenerateConfig, GenerationConfig
 from distillm2.data import load_prompts
 from distillm2.errors import ConfigError
@@ -147,10 +148,12 @@ def generate(cfg: GenerateConfig) -> Path:
     setup_logging()
     prompts = load_prompts(cfg.prompts, cfg.field, cfg.limit)
     tokenizer = models.load_tokenizer(cfg.model)
-    model = None
-    if cfg.generation.backend == "hf":
-        model = models.load_model(cfg.model, cfg.generation.dtype, device=models.pick_device(cfg.device))
-    rows = generate_responses(model, tokenizer, prompts, cfg.output, cfg.generation, seed=cfg.seed,
+    model, device = None, models.pick_device(cfg.device)
+    settings = dataclasses.replace(cfg.generation, dtype=precision.resolve_weights(
+        cfg.generation.dtype, device, cfg.model, "generation.dtype"))
+    if settings.backend == "hf":
+        model = models.load_model(cfg.model, settings.dtype, device=device)
+    rows = generate_responses(model, tokenizer, prompts, cfg.output, settings, seed=cfg.seed,
                               max_prompt_length=cfg.max_prompt_length, source=cfg.model, role="teacher")
     logger.info("%d responses in %s", len(rows), cfg.output)
     return Path(cfg.output)
