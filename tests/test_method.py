@@ -231,3 +231,24 @@ def test_fused_loss_path_trains_like_the_logits_path(tiny, tmp_path):
     m_plain = _rows(plain / "round-2" / "metrics.jsonl")
     m_fused = _rows(fused / "round-2" / "metrics.jsonl")
     assert [m["alpha_chosen_mean"] for m in m_fused] == pytest.approx([m["alpha_chosen_mean"] for m in m_plain], rel=1e-4)
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.95])
+def test_nucleus_from_top_k_keeps_what_hf_top_p_keeps(top_p):
+    """The top-k search for the nucleus keeps exactly HF's TopPLogitsWarper's tokens, on peaked
+    rows (nucleus inside the top 64) and flat ones (the full-sort fallback)."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from distillm2.generation.hf import NucleusFromTopK
+
+    gen = torch.Generator().manual_seed(0)
+    scale = torch.tensor([0.02] * 40 + [1.0] * 40 + [3.0] * 40 + [12.0] * 40)[:, None]  # flat ... peaked
+    scores = torch.randn(160, 12000, generator=gen) * scale
+    ours = NucleusFromTopK(top_p, 0.8)(None, scores.clone())
+    scaled = TemperatureLogitsWarper(0.8)(None, scores.clone())
+    theirs = TopPLogitsWarper(top_p)(None, scaled.clone())
+    reach = scaled.softmax(-1).sort(dim=-1, descending=True).values.cumsum(-1)
+    width = (reach < top_p).sum(-1) + 1  # nucleus sizes: rows of every rung of the ladder and beyond
+    assert (width <= 64).any() and (width > 4096).any()
+    assert torch.equal(torch.isfinite(ours), torch.isfinite(theirs))
+    assert torch.equal(ours[torch.isfinite(ours)], scaled[torch.isfinite(ours)])  # kept scores: T applied, untouched

@@ -132,3 +132,57 @@ def test_one_process_can_build_accelerators_of_different_precisions():
 
     assert make_accelerator("bf16").mixed_precision == "bf16"
     assert make_accelerator("no").mixed_precision == "no"
+
+
+def test_fp16_overflow_lowers_the_scale_instead_of_failing(tiny, tmp_path):
+    """fp16 autocast with a gradient scaler (auto's choice on a GPU without bf16): a step whose
+    scaled gradient overflows is skipped by the scaler, which lowers the scale; the stage goes on
+    (it would stop after max_nonfinite_steps if the loop skipped the scaler's step) and trains.
+    Run on the CPU with torch's CPU GradScaler in the place accelerate puts the CUDA one."""
+    tok = models.load_tokenizer(str(tiny / "tok"))
+    teacher = models.load_model(str(tiny / "teacher"))
+    student = models.load_model(str(tiny / "student"))
+    init = {k: v.clone() for k, v in student.state_dict().items()}
+    acc = make_accelerator("fp16")
+    acc.scaler, acc.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0**40, backoff_factor=2.0**-8, growth_interval=1000), True
+    cfg = TrainConfig(lr=1e-3, batch_size=2, grad_accum=1, mixed_precision="fp16", warmup_ratio=0.0,
+                      lr_schedule="constant", checkpoint_every=0, max_nonfinite_steps=1)
+    trainer = Trainer(accelerator=acc, student=student, teacher=teacher, tokenizer=tok, pairs=_pairs(12),
+                      train_cfg=cfg, loss_cfg=LossConfig(name="distillm2"), stage_dir=tmp_path / "fp16", vocab=len(tok),
+                      max_prompt_length=96, max_length=128)
+    trained = trainer.fit()
+    metrics = [json.loads(x) for x in (tmp_path / "fp16" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 6
+    skipped = [m["step"] for m in metrics if m["skipped"]]
+    assert skipped and skipped[0] == 1 and len(skipped) < 6  # overflows first, then real updates
+    assert acc.scaler.get_scale() < 2.0**40
+    assert any(not torch.equal(v, init[k]) for k, v in trained.state_dict().items())
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_shared_prompt_forward_equals_the_plain_one(tiny, attn):
+    """Chosen and rejected rows of the same pairs share their prompts: the prompts run once and
+    both row kinds continue from the tiled cache. Logits and the gradient of every parameter
+    equal the plain forward's to float32 rounding (prompts of different lengths, responses of
+    different lengths, one empty)."""
+    from distillm2.models import response_logits
+
+    tok = models.load_tokenizer(str(tiny / "tok"))
+    model = models.load_model(str(tiny / "student"), attn_implementation=attn)
+    pairs = _pairs(3)
+    pairs[1]["prompt"][0]["content"] += " with a much longer prompt than the others"
+    pairs[2]["rejected"] = ""
+    rows = [encode(tok, p["prompt"], p[which], True, 96, 128) for which in ("chosen", "rejected") for p in pairs]
+    batch = collate(rows, tok.pad_token_id)
+    grads = []
+    for shared in (0, 3):
+        model.zero_grad()
+        logits = response_logits(model, batch, len(tok), shared_prompts=shared)
+        (logits.float().log_softmax(-1) * batch.mask[..., None]).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        if shared == 0:
+            plain = logits.detach()
+        else:
+            torch.testing.assert_close(logits.detach(), plain, rtol=1e-5, atol=1e-5)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5, msg=name)

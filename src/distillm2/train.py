@@ -242,8 +242,10 @@ class Trainer:
         the rejected rows only."""
         forward = response_hidden if self.fused else response_logits
         args = (mb.batch,) if self.fused else (mb.batch, self.vocab)
+        # Row kinds of the same pairs share their prompts: run them once (models.response_logits).
+        shared = {} if self.fused or len(mb.rows) < 2 else {"shared_prompts": mb.pairs}
         with self.acc.autocast():
-            student_out = forward(self.student, *args)
+            student_out = forward(self.student, *args, **({} if self.cfg.gradient_checkpointing else shared))
         teacher_out = None
         if self.topk is not None:
             teacher_out = {"chosen": self.topk.teacher(list(mb.indices), mb.batch.labels.shape[1], self.acc.device)}
@@ -253,7 +255,7 @@ class Trainer:
                         self.teacher, sub_batch(mb.batch, mb.part("rejected")), self.vocab)
         elif self.teacher is not None:
             with torch.no_grad():
-                teacher_out = forward(self.teacher, *args)
+                teacher_out = forward(self.teacher, *args, **shared)
         if self.fused:
             return hidden_batch(student_out, teacher_out, mb.batch, self.spec.rows, mb.pairs), None
         return student_out, teacher_out
@@ -382,6 +384,14 @@ class Trainer:
                 if finite:
                     self.optimizer.step()
                     self.state["nonfinite_in_a_row"] = 0
+                elif acc.scaler is not None and not self._any(bool(bad_rows)):
+                    # fp16 autocast (a GPU without bf16): the loss is finite but its scaled gradient
+                    # overflowed. The scaler's step skips the update and lowers the scale; skipping
+                    # it here instead would keep the scale, and every later step would overflow too.
+                    self.optimizer.step()
+                    self.state["skipped_steps"] = self.state.get("skipped_steps", 0) + 1
+                    logger.info("%s: step %d: fp16 gradient overflow, update skipped, loss scale now %g",
+                                self.stage_dir.name, step + 1, acc.scaler.get_scale())
                 else:  # skipped: no weight or optimiser-state change
                     self.state["nonfinite_in_a_row"] = self.state.get("nonfinite_in_a_row", 0) + 1
                     self.state["skipped_steps"] = self.state.get("skipped_steps", 0) + 1

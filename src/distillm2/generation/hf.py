@@ -36,11 +36,57 @@ def sampling_kwargs(greedy: bool, temperature: float, top_p: float) -> dict:
     """``generate`` keyword arguments for greedy decoding or plain temperature / top-p sampling,
     the one place the decoding settings become HF arguments. Everything the model's
     ``generation_config`` might add (top-k, repetition penalty, ...) is switched off, so samples
-    come from the model's own distribution, as in the other backends."""
+    come from the model's own distribution, as in the other backends. Temperature and top-p run
+    as :class:`NucleusFromTopK`: the same nucleus as HF's warpers, without sorting the vocabulary."""
     neutral = dict(top_k=None, repetition_penalty=None, no_repeat_ngram_size=None, typical_p=None, min_p=None)
     if greedy:
         return dict(do_sample=False, temperature=None, top_p=None, **neutral)
-    return dict(do_sample=True, temperature=temperature, top_p=top_p, **neutral)
+    if top_p >= 1.0:
+        return dict(do_sample=True, temperature=temperature, top_p=None, **neutral)
+    from transformers import LogitsProcessorList
+
+    # Custom processors run before HF's own warpers (temperature among them): the temperature is
+    # applied inside ours, before the nucleus is found, as HF's order would.
+    return dict(do_sample=True, temperature=None, top_p=None,
+                logits_processor=LogitsProcessorList([NucleusFromTopK(top_p, temperature)]), **neutral)
+
+
+class NucleusFromTopK:
+    """Temperature, then top-p (nucleus) filtering of ``[B, V]`` scores that keeps exactly the
+    tokens HF's ``TopPLogitsWarper`` keeps -- a token stays when the probability of the tokens
+    ranked above it is below ``top_p`` -- found among the most likely tokens (``topk`` with k =
+    64, then 1024, then 4096 for the rows whose nucleus is wider) instead of a sort of the whole
+    vocabulary, which only rows wider still get, as in HF. On a 2-core CPU a full sort of a
+    [64, 49152] batch costs 156 ms per new token (a fifth of a small student's sampling time),
+    ``topk`` 6-30 ms. (Ties at the boundary may be broken differently and the cumulative sums
+    round differently: the kept set can differ only for a token whose probability sits exactly
+    on the threshold.)"""
+
+    LADDER = (64, 1024, 4096)
+
+    def __init__(self, top_p: float, temperature: float = 1.0):
+        if not 0.0 < top_p < 1.0:
+            raise ValueError(f"top_p must be in (0, 1), got {top_p}")
+        self.top_p, self.temperature = top_p, temperature
+
+    def __call__(self, input_ids, scores: torch.Tensor) -> torch.Tensor:
+        """``scores / temperature`` with every token outside the nucleus set to -inf."""
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        probs = scores.float().softmax(-1)
+        out = torch.full_like(scores, float("-inf"))
+        todo = torch.arange(scores.shape[0], device=scores.device)
+        for k in (*self.LADDER, scores.shape[-1]):
+            k = min(k, scores.shape[-1])
+            top, index = probs[todo].topk(k, dim=-1)  # k = V: a full sort
+            done = (top.sum(-1) >= self.top_p) | (k == scores.shape[-1])
+            keep = (top.cumsum(-1) - top) < self.top_p  # mass of the tokens ranked above each one
+            rows, index, keep = todo[done], index[done], keep[done]
+            out[rows] = out[rows].scatter(1, index, torch.where(keep, scores[rows].gather(1, index), float("-inf")))
+            todo = todo[~done]
+            if not len(todo):
+                break
+        return out
 
 
 def eos_ids(model, tokenizer) -> list[int]:
