@@ -19,7 +19,12 @@ from distillm2 import distributed, models
 from distillm2.config import GenerationConfig, RunEvalConfig
 from distillm2.data import load_prompts
 from distillm2.evaluation.identity import cache_key, claim, model_identity, read_keyed_json
-from distillm2.evaluation.metrics import own_metrics_from, own_output_metrics, rouge_summary, teacher_forced_kls
+from distillm2.evaluation.metrics import (
+    own_metrics_from,
+    own_output_metrics,
+    rouge_summary,
+    teacher_forced_kls,
+)
 from distillm2.files import write_json_atomic, write_jsonl
 from distillm2.generation import generate_responses
 
