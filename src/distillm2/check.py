@@ -45,6 +45,7 @@ class Plan:
     params: dict[str, int] = field(default_factory=dict)
     memory_gib: dict[str, float] = field(default_factory=dict)
     unchecked: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # assumptions the estimate rests on
 
     @property
     def peak_gib(self) -> float:
@@ -85,7 +86,8 @@ def _planned_precision(cfg: RunConfig, plan: Plan) -> RunConfig:
         found = precision.verdict(precision.run_device())
     else:
         found = precision.Verdict("cuda", "bfloat16", "planned for a GPU with bf16")
-        plan.unchecked.append("precision auto counted as on a GPU with bf16; a CPU without bf16 units runs the "
+        if any(precision.setting(cfg, key) == precision.AUTO for key in precision.RUN_KEYS):
+            plan.notes.append("precision auto counted as on a GPU with bf16; a CPU without bf16 units runs the "
                               "teacher and sampling in float32 (twice their memory)")
     return precision.apply_verdict(cfg, found)
 
@@ -177,7 +179,7 @@ def format_plan(plan: Plan) -> str:
         lines.append("per-device memory estimate (GiB):")
         lines += [f"  {k:<17}{v:8.2f}" for k, v in plan.memory_gib.items()]
         lines.append(f"  {'peak':<17}{plan.peak_gib:8.2f}   of {plan.device_gib:.0f}")
-    lines += [f"not checked: {u}" for u in plan.unchecked]
+    lines += [f"not checked: {u}" for u in plan.unchecked] + [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
 
 

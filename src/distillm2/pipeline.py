@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -33,7 +34,7 @@ from distillm2.generation import generate_responses
 from distillm2.hub import push, write_model_card
 from distillm2.losses import LOSSES, topk_unsupported
 from distillm2.pairs import load_pairs, make_pairs, write_pairs
-from distillm2.progress import logger, setup_logging
+from distillm2.progress import is_main_process, logger, setup_logging
 from distillm2.teacher_cache import check_topk
 from distillm2.train import Schedule, Trainer, num_steps
 
@@ -95,29 +96,19 @@ class Run:
                  topk_dir: str | Path | None = None):
         setup_logging()
         self.dir = Path(cfg.output_dir)
-        # ``auto`` precisions resolved for this machine (or as the run recorded them); the config
-        # as given is what config.yaml keeps, so that a rerun of the same command matches it.
-        given = cfg
-        cfg, self._precision_record = precision.resolve_run(cfg, self.dir)
-        self.cfg = cfg
         self.topk_dir = Path(topk_dir) if topk_dir is not None else self.dir / "teacher-topk"
-        self.acc = distributed.make_accelerator(cfg.train.mixed_precision, cfg.train.report_to, self.dir / "logs")
-        self.main = self.acc.is_main_process
+        main, world = is_main_process(), int(os.environ.get("WORLD_SIZE", "1"))
         if cfg.rounds > 0:  # before any work: the rounds' loss must be one the cache can serve
-            check_topk(cfg.train.teacher_topk, cfg.loss.name, cfg.train.fused_loss, self.acc.num_processes)
-        check_saved_config(self.dir, given, force, resolved=cfg)
-        if cfg.train.report_to:
-            name = cfg.train.run_name or self.dir.name
-            self.acc.init_trackers(cfg.train.project, config=tracker_config(cfg),
-                                   init_kwargs={"wandb": {"name": name}, "mlflow": {"run_name": name},
-                                                "trackio": {"name": name}})
-        # Every input is loaded and checked before anything is written into the run directory.
+            check_topk(cfg.train.teacher_topk, cfg.loss.name, cfg.train.fused_loss, world)
+        # Every input is loaded and checked before anything is measured, loaded or written: the
+        # cheap checks (tokenizers, prompts) first.
         mc = cfg.models
         self.tokenizer = models.load_tokenizer(mc.student or mc.teacher)
         teacher_tok = models.load_tokenizer(mc.teacher)
+        models.check_tokenizers(teacher_tok, self.tokenizer)  # the vocabularies; the heads once loaded
         prompts_path, init_dir = self.dir / "prompts.jsonl", self.dir / "student-init"
         new_prompts = new_student = None
-        if self.main and not prompts_path.exists():  # the cheap checks first
+        if main and not prompts_path.exists():
             d = cfg.data
             new_prompts = prompts if prompts is not None else load_prompts(
                 d.prompts, d.field, d.max_prompts, d.response_field, d.columns,
@@ -126,6 +117,20 @@ class Run:
             if not new_prompts:
                 raise DataError(f"{cfg.data.prompts}: no prompts")
             vision.check_run(cfg, new_prompts, teacher_tok, self.tokenizer)  # image prompts: VLMs, hf, ...
+        # ``auto`` precisions resolved for this machine (or as the run recorded them); the config
+        # as given is what config.yaml keeps, so that a rerun of the same command matches it.
+        given = cfg
+        cfg, self._precision_record = precision.resolve_run(cfg, self.dir)
+        self.cfg = cfg
+        mc = cfg.models
+        self.acc = distributed.make_accelerator(cfg.train.mixed_precision, cfg.train.report_to, self.dir / "logs")
+        self.main = self.acc.is_main_process
+        check_saved_config(self.dir, given, force, resolved=cfg)
+        if cfg.train.report_to:
+            name = cfg.train.run_name or self.dir.name
+            self.acc.init_trackers(cfg.train.project, config=tracker_config(cfg),
+                                   init_kwargs={"wandb": {"name": name}, "mlflow": {"run_name": name},
+                                                "trackio": {"name": name}})
         with distributed.replicated_loading(self.acc):
             if teacher is None:
                 teacher = models.load_model(mc.teacher, mc.teacher_dtype, attn_implementation=self._given_attention(),

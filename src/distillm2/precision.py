@@ -188,16 +188,18 @@ def warn_if_slow(settings: dict[str, str], found: Verdict) -> None:
 def apply_verdict(cfg, found: Verdict):
     """``cfg`` (a RunConfig) with each ``auto`` precision of :data:`RUN_KEYS` resolved by ``found``."""
     for key, kind in RUN_KEYS.items():
-        cfg = _set(cfg, key, resolve(_get(cfg, key), kind, found))
+        cfg = with_setting(cfg, key, resolve(setting(cfg, key), kind, found))
     return cfg
 
 
-def _get(cfg, key: str):
+def setting(cfg, key: str):
+    """The value of the dotted ``key`` (``section.name`` or ``name``) of a config dataclass."""
     section, _, name = key.rpartition(".")
     return getattr(getattr(cfg, section) if section else cfg, name)
 
 
-def _set(cfg, key: str, value):
+def with_setting(cfg, key: str, value):
+    """A copy of the config dataclass ``cfg`` with the dotted ``key`` set to ``value``."""
     section, _, name = key.rpartition(".")
     if not section:
         return dataclasses.replace(cfg, **{name: value})
@@ -217,7 +219,7 @@ def resolve_run(cfg, run_dir: Path):
     ``run_dir/precision.json`` recorded it when the run was started (a resumed run keeps its
     choice); and the record to write there (None when it exists). Logs the choice; writes nothing."""
     path = Path(run_dir) / "precision.json"
-    given = {key: _get(cfg, key) for key in RUN_KEYS}
+    given = {key: setting(cfg, key) for key in RUN_KEYS}
     saved = json.loads(path.read_text()) if path.exists() else None
     found, record = None, None
     if saved is None or any(v != AUTO for v in given.values()):
@@ -234,7 +236,7 @@ def resolve_run(cfg, run_dir: Path):
     if found is not None:
         warn_if_slow({k: v for k, v in given.items() if v != AUTO}, found)
     for key, value in chosen.items():
-        cfg = _set(cfg, key, value)
+        cfg = with_setting(cfg, key, value)
     return cfg, record
 
 

@@ -22,12 +22,30 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at each message: tests, notebooks and tools that
+    capture output replace it, and a handler bound to the first one would write into a closed
+    stream."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):
+        """The current ``sys.stderr``."""
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(level: int | None = None) -> None:
     """Log to stderr with a time stamp (once per process); only the main process below warnings,
     so a multi-process run prints each message once. Below debug level (no ``-v``) the libraries
     underneath are quiet: see :func:`quiet_libraries`."""
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
     level = _LEVEL["level"] if level is None else level

@@ -33,7 +33,7 @@ from distillm2.generation.common import all_paths, done_rows, merge_parts, repai
 from distillm2.generation.hf import eos_ids, generate_hf, sampling_kwargs
 from distillm2.generation.interleaved import generate_interleaved
 from distillm2.generation.server import generate_server, load_weights
-from distillm2.generation.vllm import generate_vllm
+from distillm2.generation.vllm import _import_vllm, generate_vllm
 from distillm2.progress import logger, setup_logging
 
 __all__ = ["generate", "generate_hf", "generate_responses", "generate_server", "generate_vllm", "sampling_kwargs"]
@@ -148,6 +148,8 @@ def generate(cfg: GenerateConfig) -> Path:
     setup_logging()
     prompts = load_prompts(cfg.prompts, cfg.field, cfg.limit)
     tokenizer = models.load_tokenizer(cfg.model)
+    if cfg.generation.backend == "vllm":
+        _import_vllm()  # a missing extra is the error, before anything is measured or loaded
     model, device = None, models.pick_device(cfg.device)
     settings = dataclasses.replace(cfg.generation, dtype=precision.resolve_weights(
         cfg.generation.dtype, device, cfg.model, "generation.dtype"))
