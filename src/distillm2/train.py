@@ -370,6 +370,11 @@ class Trainer:
                     with acc.no_sync(self.student) if not sync else contextlib.nullcontext():
                         student_logits, teacher_logits = self._logits(mb)
                         loss = self._loss(mb, student_logits, teacher_logits, beta, denom, metrics)
+                        # The chunked losses form their gradient during the forward pass and keep
+                        # neither model's [R, T, V] logits for the backward one: dropping ours here
+                        # frees both before backward allocates the weights' gradients (the step's
+                        # peak); autograd still holds whatever another loss needs.
+                        del student_logits, teacher_logits
                         if nan_at(f"{self.stage_dir.name}/train", step + 1):
                             loss = loss * float("nan")  # fault injection (tests)
                         if not torch.isfinite(loss):
@@ -378,7 +383,7 @@ class Trainer:
                             # DeepSpeed steps inside its backward: the step cannot be skipped.
                             self._fail(step + 1, metrics, bad_rows, "under DeepSpeed a non-finite step cannot be skipped")
                         acc.backward(loss)
-                    del student_logits, teacher_logits, loss
+                    del loss
                 grad_norm = distributed.grad_norm(acc, self.student, cfg.max_grad_norm)
                 finite = not self._any(bool(bad_rows) or not math.isfinite(grad_norm))
                 if finite:
