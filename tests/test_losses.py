@@ -506,3 +506,31 @@ def test_linear_space_skew_kernels_equal_log_space(name):
     torch.testing.assert_close(v1, v2, rtol=2e-5, atol=1e-6)
     torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
     assert L.K.skew_kernel(fast, 0.0) is exact and L.K.skew_kernel(fast, 0.05) is fast
+
+
+@pytest.mark.parametrize(("name", "alpha", "detach"), [
+    ("reverse_kl", 0.1, True), ("generalized_jsd", 0.1, True), ("skew_reverse_kl", 0.0, True),
+    ("skew_reverse_kl", 0.1, False), ("skew_reverse_kl", 0.1, True), ("skew_forward_kl", 0.0, True),
+    ("skew_forward_kl", 0.1, True),
+])
+def test_student_minus_inf_entries_give_the_limit_gradient(name, alpha, detach):
+    """Masked vocabulary entries (student logit -inf; for skew_forward_kl at alpha 0 the
+    teacher's too, else its KL is infinite): values and gradients are the limits -- those of the
+    float64 reference with those logits at -80 instead, whose probabilities (~1e-35) are 0 to
+    float32 while every log stays finite -- and the masked entries' gradient is 0, not NaN
+    (0 * inf in the analytic gradient)."""
+    s, t, mask, w = make((2, 6, 40), seed=7)
+    dropped = torch.zeros(40, dtype=torch.bool)
+    dropped[[3, 17, 29]] = True
+    t_in = t.masked_fill(dropped, -INF) if name == "skew_forward_kl" else t
+    x = s.masked_fill(dropped, -INF).requires_grad_(True)
+    out = call(name, x, t_in, mask, 1.0, alpha, 0.5, detach)
+    (out.double() * w).sum().backward()
+    far = torch.tensor(-80.0, dtype=torch.float64)  # exp(-80) ~ 1e-35: 0 to float32, every log finite
+    x64 = s.double().masked_fill(dropped, far).requires_grad_(True)
+    expected = ref(name, x64, t_in.double().masked_fill(t_in.isinf(), far), mask, 1.0, alpha, 0.5, detach)
+    (expected * w).sum().backward()
+    torch.testing.assert_close(out.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(x.grad).all()
+    assert (x.grad[..., dropped] == 0).all()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)

@@ -31,7 +31,11 @@ def _centered(q: Tensor, h: Tensor) -> Tensor:
     h is first shifted by its value at the most likely token (the result is invariant to a
     per-row shift). Without it, near one-hot q makes h_j - sum q h a difference of two large,
     almost equal float32 numbers and the dominant gradient entry loses most of its digits.
+    Where q = 0 (a -inf student logit: a masked or padded vocabulary entry) h is log 0 - log m,
+    -inf or NaN; the limit of q h there is 0, so h is taken as 0 (else 0 * inf = NaN spreads over
+    the row through sum q h).
     """
+    h = h.masked_fill_(q == 0, 0.0)
     h = h.sub_(h.gather(-1, q.argmax(-1, keepdim=True)))
     return q * h.sub_((q * h).sum(-1, keepdim=True))
 
@@ -80,7 +84,10 @@ def skew_forward_kl_log(s, t, a, need_grad):
     value = _xlog_ratio(log_p, log_m)
     if not need_grad:
         return value, None
-    pw = log_q_part.sub_(log_m).exp_().mul_(log_p.exp_())
+    # pw = p (1 - alpha) q / m; where p = 0 it is 0 (also where q = 0 too, alpha = 0: m = 0 and
+    # the ratio would be exp(-inf - -inf) = NaN).
+    p_zero = log_p == _NEG_INF
+    pw = log_q_part.sub_(log_m).exp_().mul_(log_p.exp_()).masked_fill_(p_zero, 0.0)
     grad = log_q.exp_().mul_(pw.sum(-1, keepdim=True)).sub_(pw)
     return value, grad
 

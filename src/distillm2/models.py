@@ -429,7 +429,10 @@ def _shared_prompt_logits(model, batch, k: int) -> torch.Tensor | None:
     grad, of the backward). None (use the plain forward) when the model returns no plain
     dynamic cache (gradient checkpointing turns caching off; sliding-window or linear-attention
     layers keep states that cannot simply be tiled)."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+    except ImportError:  # a transformers without per-layer caches
+        return None
 
     width = int(batch.keep[0]) + 1  # P: the prompt's columns; keep = P-1 ... P+L-2
     length = batch.input_ids.shape[1] - width
@@ -440,7 +443,7 @@ def _shared_prompt_logits(model, batch, k: int) -> torch.Tensor | None:
     cache, name = getattr(head, "cache", None), "cache"
     if cache is None:
         cache, name = getattr(head, "past_key_values", None), "past_key_values"
-    if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
+    if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in getattr(cache, "layers", [None])):
         return None
     rows = batch.input_ids.shape[0]
     tile = torch.arange(k, device=batch.input_ids.device).repeat(rows // k)
