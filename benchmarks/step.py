@@ -70,6 +70,7 @@ import time
 from pathlib import Path
 
 import step_workers  # noqa: E402 - a sibling script: benchmarks/ is on sys.path
+from step_summary import flop_counts, plot, summarize  # noqa: E402 - a sibling script
 from step_workers import (  # noqa: E402 - a sibling script: benchmarks/ is on sys.path
     DTYPES,
     LR,
@@ -229,14 +230,6 @@ def run_worker(python: str, args: list[str], out: Path) -> dict:
     return result
 
 
-def flop_counts(cfg: dict) -> dict:
-    h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    kv = cfg["num_key_value_heads"] * cfg.get("head_dim", h // cfg["num_attention_heads"])
-    per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter
-    return {"per_layer": per_layer, "head": h * v, "teacher_layers": cfg["num_hidden_layers"],
-            "student_layers": len(STUDENT_LAYERS)}
-
-
 def choose_attention(spec: dict, given: str, rows: int, length: int, precision: str) -> dict:
     """Our models' attention: ``given``, or for ``auto`` the faster of sdpa and eager in a
     forward + backward in ``precision`` of the student at the DistiLLM-2 step's shape, measured the way a run with
@@ -254,65 +247,6 @@ def choose_attention(spec: dict, given: str, rows: int, length: int, precision: 
     choice = min(seconds, key=seconds.get)
     return {"choice": choice, "seconds": seconds, "rows": rows, "length": length,
             "how": "measured: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in seconds.items())}
-
-
-def step_flops(fc: dict, exec_tokens: int, lm: int, student_only_passes: int = 6, teacher_passes: int = 2) -> float:
-    nt = fc["per_layer"] * fc["teacher_layers"]
-    ns = fc["per_layer"] * fc["student_layers"]
-    return (teacher_passes * (nt * exec_tokens + fc["head"] * lm)
-            + student_only_passes * (ns * exec_tokens + fc["head"] * lm))
-
-
-def summarize(name: str, results: list[dict], layouts: list[dict], warmup: int, fc: dict) -> dict:
-    times, tok_rates, flop_rates, plain_rates = [], [], [], []
-    for r in results:
-        for i, t in enumerate(r["times"]):
-            if i < warmup:
-                continue
-            lay = layouts[i] if "layout" not in r else r["layout"][i]
-            times.append(t)
-            tok_rates.append(lay["trained"] / t)
-            flop_rates.append(step_flops(fc, lay["exec"], lay["lm"]) / t / 1e9)
-            plain_rates.append(step_flops(fc, lay.get("plain_exec", lay["exec"]), lay.get("plain_lm", lay["lm"])) / t / 1e9)
-    measured = [lay for i, lay in enumerate(layouts) if i >= warmup]
-    return {
-        "run": name, "s_per_step": statistics.median(times), "trained_tokens_per_s": statistics.median(tok_rates),
-        "achieved_gflops": statistics.median(flop_rates),
-        "plain_equivalent_gflops": statistics.median(plain_rates),
-        "peak_rss_gib": max(r["peak_rss_kib"] for r in results) / 2**20,
-        "peak_rss_gib_each": [r["peak_rss_kib"] / 2**20 for r in results],
-        "median_s_each_run": [statistics.median(r["times"][warmup:]) for r in results],
-        "steps_measured": len(times),
-        "per_step_mean": {k: statistics.mean(lay[k] for lay in measured) for k in ("trained", "real", "exec", "lm")},
-        "rows": measured[0]["rows"] if measured else None,
-        "loss_first_last": [results[0]["losses"][0], results[0]["losses"][-1]],
-        "details": {k: v for k, v in results[0].items() if k not in ("times", "losses", "layout")},
-        "times_each_run": [r["times"] for r in results],
-        "load_before_each_run": [r["load_before"] for r in results],
-    }
-
-
-def plot(rows: list[dict], path: Path, precision: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [r["run"] for r in rows]
-    colors = ["#888888" if n.startswith("trl") else "#1f77b4" for n in names]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, key, title in zip(axes, ("s_per_step", "trained_tokens_per_s", "peak_rss_gib"),
-                              ("seconds / step (median)", "trained tokens / s", "peak RSS (GiB)")):
-        vals = [r[key] for r in rows]
-        ax.bar(range(len(rows)), vals, color=colors)
-        ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
-        ax.set_title(title)
-        for i, v in enumerate(vals):
-            ax.text(i, v, f"{v:.2f}" if v < 100 else f"{v:.0f}", ha="center", va="bottom", fontsize=8)
-    fig.suptitle(f"One training step ({precision}), {os.cpu_count()} CPU cores: TRL GKDTrainer (grey) vs distillm2 "
-                 "(blue); 8 prompts/step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
@@ -333,7 +267,7 @@ def main() -> None:
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse the result files of workers that already ran (cache/bench-step/results); redo the summary")
-    ap.add_argument("--json", help="output JSON (default docs/benchmarks/step-<dtype>.json; the plot beside it)")
+    ap.add_argument("--json", help="output JSON (default docs/benchmarks/step-<dtype>.json, -quick added with --quick; the plot beside it)")
     ap.add_argument("--attn", default="auto",
                     help="attention implementation of our models: auto (measured at the step's shape, as a "
                          "run's models.attn_implementation: auto does), eager or sdpa")
@@ -497,7 +431,8 @@ def main() -> None:
                        "ratio_peak_rss": rows[f"ours-gkd-{P}"]["peak_rss_gib"] / trl["peak_rss_gib"]},
         "profile": profile,
     }
-    json_path = Path(args.json or OUT_DIR / f"step-{P}.json")
+    # a --quick smoke run never replaces the published numbers
+    json_path = Path(args.json or OUT_DIR / f"step-{P}{'-quick' if args.quick else ''}.json")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1))
     plot(table, json_path.with_suffix(".png"), f"{P}, {precision_info['numbers'].get('cpu', '')}")

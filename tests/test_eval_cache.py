@@ -10,8 +10,8 @@ import pytest
 
 from distillm2.config import EvaluateConfig, GenerationConfig, RunEvalConfig
 from distillm2.evaluation import evaluate
-from distillm2.evaluation.identity import cache_key, claim, model_identity
 from distillm2.evaluation.metrics import distinct_n, repeated_ngram_share, repetition
+from distillm2.identity import cache_key, claim, model_identity
 
 
 def _eval(tiny, model, out, **kw):

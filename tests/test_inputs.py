@@ -123,3 +123,105 @@ def test_derived_student_copies_chosen_layers(tiny):
         assert torch.equal(s[key], t[src]), key
     with pytest.raises(ValueError, match="increasing"):
         derive_student(teacher, layers=[2, 1])
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.lr=-1e-4", "train.lr: must be in [0, inf), got -0.0001"),
+    ("loss.alpha0=1.5", "loss.alpha0: must be in [0, 1), got 1.5"),
+    ("generation.max_new_tokens=-5", "generation.max_new_tokens: must be in [1, inf), got -5"),
+    ("generation.temperature=0", "generation.temperature: sampling needs a temperature > 0"),
+    ("generation.top_p=1.5", "generation.top_p: must be in (0, 1], got 1.5"),
+    ("data.max_prompts=0", "data.max_prompts: must be in [1, inf), got 0"),
+    ("models.student_layers=[0, -1]", "models.student_layers: must be in [0, inf), got -1"),
+    ("loss.alpha_min=0.5", "loss.alpha_min (0.5) must not exceed loss.alpha_max (0.1)"),
+])
+def test_numbers_out_of_range_are_refused_when_the_config_is_read(override, message):
+    """Issue 19, item 5: one line naming the key, the interval and the value, at load time --
+    before any model is loaded or any file written (the run, check and compare all load here)."""
+    with pytest.raises(ConfigError) as err:
+        load_config(RunConfig, overrides=[override])
+    assert message in str(err.value)
+    assert load_config(RunConfig, overrides=["generation.temperature=0", "generation.greedy=true"])
+
+
+def test_run_and_check_refuse_what_trains_nothing_or_a_layer_past_the_teacher(tiny, tmp_path, capsys):
+    """Issue 19, items 4 and 5: ``rounds: 0`` without an SFT warm-up or alignment would save the
+    untrained student as final/; a kept layer past the teacher's depth. Both exit 2 with one
+    line from ``run`` and from ``check`` (which printed "fits" before), and write nothing."""
+    cases = {"rounds": ({"rounds": 0}, "rounds: 0 with sft_epochs 0"),
+             "layers": ({"models": {"teacher": str(tiny / "teacher"), "student_layers": [0, 9]}},
+                        "models.student_layers: expected increasing indices in [0, 4)")}
+    for name, (change, message) in cases.items():
+        cfg = tiny_config(tiny, tmp_path / f"out-{name}")
+        for key, value in change.items():
+            cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        for command in ("run", "check"):
+            capsys.readouterr()
+            assert cli.main([command, str(path)]) == 2, (name, command)
+            err = capsys.readouterr().err
+            assert message in err and len([ln for ln in err.splitlines() if ln.strip()]) == 1, (name, command, err)
+        assert not (tmp_path / f"out-{name}").exists()
+    sft_only = tiny_config(tiny, tmp_path / "out-sft", rounds=0, sft_epochs=1.0)
+    assert load_config(RunConfig, base=sft_only).rounds == 0  # SFT-only is a run that trains
+
+
+def test_generate_refuses_an_output_made_with_other_settings(tiny, tmp_path, capsys):
+    """Issue 19, item 1: rows made with other decoding settings (or another model) are never
+    returned as this command's: exit 2 naming what differs; --force replaces them; the same
+    command again continues (here: nothing left to do)."""
+    out = tmp_path / "out.jsonl"
+    base = ["generate", "--model", str(tiny / "teacher"), "--prompts", str(tiny / "prompts.jsonl"),
+            "--output", str(out), "--limit", "4", "--max-new-tokens", "4"]
+    assert cli.main(base) == 0
+    first = out.read_text()
+    assert cli.main(base) == 0 and out.read_text() == first  # same settings: continued, unchanged
+    capsys.readouterr()
+    assert cli.main([*base, "--temperature", "1.0"]) == 2
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if "precision:" not in ln]  # the probe's info line may precede
+    assert "temperature: 0.8 -> 1.0" in err and "--force" in err and len(errors) == 1, err
+    assert out.read_text() == first
+    other = tmp_path / "other-model"
+    make_model(other, make_tokenizer(tmp_path / "tok2"), layers=2, seed=3)
+    assert cli.main([*base[:2], str(other), *base[3:]]) == 2  # another model, same settings
+    assert "model" in capsys.readouterr().err
+    assert cli.main([*base, "--temperature", "1.0", "--force"]) == 0
+    assert json.loads((tmp_path / "out.jsonl.settings.json").read_text())["temperature"] == 1.0
+    assert len(read_jsonl(out)) == 4
+
+
+def test_non_utf8_prompts_and_a_directory_that_is_no_model_name_the_file(tmp_path):
+    """Issue 19, item 6: a prompt file with non-UTF-8 bytes names the file and line; a folder
+    without model or tokenizer files is named as such (not a traceback from a tokenizer backend)."""
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes('{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.jsonl:2: not UTF-8 text"):
+        load_prompts(str(bad))
+    (tmp_path / "not-a-model").mkdir()
+    (tmp_path / "not-a-model" / "notes.txt").write_text("hello")
+    from distillm2.models import load_tokenizer
+
+    with pytest.raises(DataError, match="not a model directory"):
+        load_tokenizer(str(tmp_path / "not-a-model"))
+
+
+def test_set_errors_name_the_set_and_trackers_need_their_package(tiny, tmp_path):
+    """Issue 19, item 7: a bad ``--set`` value is blamed on ``--set``, not on the YAML file; a
+    tracker given as a string (as TRL and transformers take it) is one tracker; a tracker whose
+    package is missing is an error naming the install command, before any work."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"lr": 1e-4}}))
+    with pytest.raises(ConfigError) as err:
+        load_config(RunConfig, path, overrides=["train.lr=-1"])
+    assert str(err.value).startswith("--set train.lr: must be in [0, inf)")
+    path.write_text(yaml.safe_dump({"train": {"lr": -1}}))
+    with pytest.raises(ConfigError, match=r"c.yaml: train.lr"):
+        load_config(RunConfig, path)
+    assert load_config(RunConfig, overrides=["train.report_to=tensorboard"]).train.report_to == ["tensorboard"]
+    from distillm2.distributed import make_accelerator
+    from distillm2.errors import MissingExtra
+
+    with pytest.raises(MissingExtra, match="pip install mlflow"):
+        make_accelerator("no", ["mlflow"], tmp_path / "logs")

@@ -71,3 +71,37 @@ def test_rerun_of_finished_run_does_nothing(tiny, tmp_path):
     assert again.returncode == 0
     assert "train round" not in again.stderr and "round-1/teacher" not in again.stderr
     assert (run_dir / "final" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_ctrl_c_prints_one_line_exits_130_and_the_same_command_continues(tiny, tmp_path):
+    """Issue 19, item 8: a SIGINT in the middle of training (sent by the process to itself at
+    a known step, as a Ctrl-C would arrive) ends with one line naming the command that
+    continues, exit status 130 and no traceback; that command then finishes the run."""
+    cfg, run_dir = _write(tiny, tmp_path, "interrupted")
+    env_crash = "round-1/train:1"
+    os.environ["DISTILLM2_CRASH_SIGNAL"] = "INT"
+    try:
+        stopped = _run_cli(cfg, crash=env_crash)
+    finally:
+        del os.environ["DISTILLM2_CRASH_SIGNAL"]
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr
+    last = [ln for ln in stopped.stderr.replace("\r", "\n").splitlines() if ln.strip()][-1]
+    assert "interrupted" in last and f"run {cfg}" in last
+    assert not (run_dir / "final").exists()
+    again = _run_cli(cfg)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (run_dir / "final" / "config.json").exists()
+
+
+def test_kill_before_the_first_checkpoint_logs_no_step_twice(tiny, tmp_path):
+    """Issue 19, item 9: killed after step 1 with the first checkpoint due at step 2, the stage
+    restarts from step 0 and metrics.jsonl is cut back first, so step 1 appears once."""
+    cfg, run_dir = _write(tiny, tmp_path, "early")
+    crashed = _run_cli(cfg, crash="round-1/train:1")
+    assert crashed.returncode == -9
+    assert [yaml.safe_load(x)["step"] for x in (run_dir / "round-1" / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert not (run_dir / "round-1" / "checkpoint").exists()
+    assert _run_cli(cfg).returncode == 0
+    steps = [yaml.safe_load(x)["step"] for x in (run_dir / "round-1" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[0] == 1

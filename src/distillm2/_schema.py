@@ -17,17 +17,41 @@ from distillm2._version import __version__
 from distillm2.errors import ConfigError
 
 
-def opt(default=None, help: str = "", *, choices=None, factory=None, noun: str = "value"):  # noqa: A002
+def opt(default=None, help: str = "", *, choices=None, factory=None, noun: str = "value",  # noqa: A002
+        bounds: str | None = None):
     """A config field: ``default`` (or ``factory`` for lists), one line of ``help``, optional
-    ``choices`` (a tuple, or ``"module:attribute"`` naming the owner's table) and the ``noun``
-    an invalid value is called in the error."""
-    meta = {"help": help, "choices": choices, "noun": noun}
+    ``choices`` (a tuple, or ``"module:attribute"`` naming the owner's table), the ``noun``
+    an invalid value is called in the error, and for numbers the interval they must lie in,
+    written as in maths (``bounds="(0, 1]"``, ``"[1, inf)"``; list elements each)."""
+    if bounds is not None:
+        _interval(bounds)  # a malformed interval fails at import, not when a user hits it
+    meta = {"help": help, "choices": choices, "noun": noun, "bounds": bounds}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
 
 
 # Loading and checking ------------------------------------------------------------------------
+
+
+def _interval(text: str) -> tuple[bool, float, float, bool]:
+    """``"(0, 1]"`` -> (low closed?, low, high, high closed?)."""
+    low, high = (part.strip() for part in text.strip()[1:-1].split(","))
+    return text.strip()[0] == "[", float(low), float(high), text.strip()[-1] == "]"
+
+
+def check_bounds(key: str, value, bounds: str | None) -> None:
+    """Raise a ConfigError naming ``key`` when the number ``value`` (or an element of a list) is
+    outside ``bounds``."""
+    if bounds is None or value is None:
+        return
+    closed_low, low, high, closed_high = _interval(bounds)
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            continue
+        inside = (item >= low if closed_low else item > low) and (item <= high if closed_high else item < high)
+        if not inside:
+            raise ConfigError(f"{key}: must be in {bounds}, got {item!r}")
 
 
 def resolve_choices(choices) -> tuple | None:
@@ -70,6 +94,7 @@ def _build(cls, data, where: str):
             continue
         valid = resolve_choices(fields[name].metadata.get("choices"))
         value = _coerce(_yaml_word(value, valid), hint, key)
+        check_bounds(key, value, fields[name].metadata.get("bounds"))
         if valid is not None and value is not None:
             for item in value if isinstance(value, list) else [value]:
                 if item not in valid:
@@ -125,6 +150,8 @@ def _coerce(value, hint, key):
         type(hint).__name__ == "UnionType" else [hint]
     for option in options:
         if typing.get_origin(option) is list:
+            if isinstance(value, str) and typing.get_args(option) == (str,):
+                value = [item.strip() for item in value.split(",") if item.strip()]  # "a" or "a,b", as the flags
             if not isinstance(value, list):
                 continue
             (element,) = typing.get_args(option) or (object,)
@@ -151,11 +178,17 @@ def _type_name(hint) -> str:
 
 
 def _check(cfg) -> None:
+    """The checks across fields (one field's range is its ``bounds``)."""
     train = getattr(cfg, "train", None)
-    if train is not None and (train.batch_size < 1 or train.grad_accum < 1):
-        raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
     if train is not None and hasattr(train, "teacher_topk"):
         check_topk_setting(train.teacher_topk, train.fused_loss)
+    generation = getattr(cfg, "generation", None)
+    if generation is not None and not generation.greedy and generation.temperature <= 0:
+        raise ConfigError(f"generation.temperature: sampling needs a temperature > 0, got {generation.temperature} "
+                          "(set generation.greedy: true for greedy decoding)")
+    loss = getattr(cfg, "loss", None)
+    if loss is not None and loss.alpha_min > loss.alpha_max:
+        raise ConfigError(f"loss.alpha_min ({loss.alpha_min}) must not exceed loss.alpha_max ({loss.alpha_max})")
 
 
 def check_topk_setting(k: int, fused: bool) -> None:
@@ -220,6 +253,10 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
     try:
         cfg = _build(cls, data, "")
     except ConfigError as err:
+        # Blame what set the key: a flag or --set (the later sources win), else the YAML file.
+        given = {*(values or {})} | {a.split("=", 1)[0].strip() for a in overrides or [] if "=" in a}
+        if any(str(err).startswith(key) for key in given):
+            raise ConfigError(f"--set {err}") from None
         raise ConfigError(f"{path}: {err}" if path else str(err)) from None
     _check(cfg)
     return cfg
@@ -262,6 +299,8 @@ def describe(cls, indent: int = 0) -> str:
         choices = resolve_choices(meta.get("choices"))
         if choices:
             note += f" [{' | '.join(map(str, choices))}]"
+        if meta.get("bounds"):
+            note += f" (in {meta['bounds']})"
         lines.append(f"{pad}{f.name}: {value}  # {note}")
         for name, what in _descriptions(meta.get("choices")).items():
             lines.append(f"{pad}  #   {name}: {what}")

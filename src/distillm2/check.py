@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distillm2 import models, precision, vision
-from distillm2.config import RunConfig
+from distillm2.config import RunConfig, check_trains_something
 from distillm2.data import load_prompts
 from distillm2.errors import ConfigError, UserError
 from distillm2.losses import LOSSES
@@ -107,19 +107,21 @@ def plan_run(cfg: RunConfig, processes: int = 1, engine: str = "ddp", device_gib
         plan.prompts = len(load_prompts(cfg.data.prompts, cfg.data.field, cfg.data.max_prompts))
         plan.steps_per_round = num_steps(plan.prompts, tc, processes)
     except (UserError, OSError) as err:
+        if not cfg.data.prompts.startswith("hf:"):  # a local file or demo set: a run would fail on it
+            raise
         plan.unchecked.append(f"prompts ({cfg.data.prompts}): {err}")
     try:
         teacher_cfg = _model_config(mc.teacher)
     except Exception as err:  # noqa: BLE001 - any loading failure means "could not resolve"
         plan.unchecked.append(f"teacher {mc.teacher}: {type(err).__name__}: {str(err)[:160]}")
         return plan
+    if not mc.student:  # a layer index past the teacher's depth is an error, as in a run
+        layers = models.student_layers_of(mc.teacher, mc.student_layers, mc.student_num_layers)
     try:
         if mc.student:
             student_cfg = _model_config(mc.student)
         else:
             student_cfg = teacher_cfg.__class__(**teacher_cfg.to_dict())
-            total = vision.text_config(teacher_cfg).num_hidden_layers  # a VLM's language model's
-            layers = mc.student_layers or list(range(mc.student_num_layers or total // 2))
             vision.text_config(student_cfg).num_hidden_layers = len(layers)
     except Exception as err:  # noqa: BLE001
         plan.unchecked.append(f"student {mc.student}: {type(err).__name__}: {str(err)[:160]}")
@@ -184,7 +186,10 @@ def format_plan(plan: Plan) -> str:
 
 
 def check(cfg: RunConfig, processes: int = 1, engine: str = "ddp", device_gib: float | None = None) -> Plan:
-    """Print the plan of ``cfg``; raise :class:`ConfigError` when its estimate does not fit."""
+    """Print the plan of ``cfg``; raise :class:`ConfigError` when its estimate does not fit, or on
+    an input a run would refuse (a config that trains nothing, missing prompts, a student layer
+    past the teacher's depth)."""
+    check_trains_something(cfg)
     plan = plan_run(cfg, processes, engine, device_gib)
     print(format_plan(plan))
     if plan.params and plan.peak_gib > plan.device_gib:

@@ -30,12 +30,20 @@ def load_checkpoint(accelerator, stage_dir: Path, scheduler) -> dict | None:
     state = json.loads(state_file.read_text())
     accelerator.load_state(str(folder))
     scheduler.load_state_dict(state.pop("scheduler"))
-    metrics = Path(stage_dir) / "metrics.jsonl"
-    if accelerator.is_main_process and metrics.exists():  # drop lines logged after the checkpoint
-        lines = [ln for ln in metrics.read_text().splitlines(keepends=True)
-                 if ln.endswith("\n") and json.loads(ln)["step"] <= state["step"]]
-        write_text_atomic(metrics, "".join(lines))
+    cut_metrics(accelerator, stage_dir, state["step"])
     return state
+
+
+def cut_metrics(accelerator, stage_dir: Path, step: int) -> None:
+    """Drop the lines of ``metrics.jsonl`` logged after ``step``: the checkpoint a stage resumes
+    from, or 0 when it starts without one (a process killed before its first checkpoint logged
+    steps it trains again)."""
+    metrics = Path(stage_dir) / "metrics.jsonl"
+    if accelerator.is_main_process and metrics.exists():
+        lines = metrics.read_text().splitlines(keepends=True)
+        kept = [ln for ln in lines if ln.endswith("\n") and json.loads(ln)["step"] <= step]
+        if len(kept) != len(lines):
+            write_text_atomic(metrics, "".join(kept))
 
 
 def save_checkpoint(accelerator, stage_dir: Path, state: dict, scheduler) -> None:

@@ -138,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
         if command in ("run", "demo", "train", "compare"):
             s.add_argument("--force", action="store_true",
                            help="continue a run directory whose saved config differs in what changes results")
+        if command == "generate":
+            s.add_argument("--force", action="store_true",
+                           help="replace an output file made with other settings (model, decoding, seed, ...)")
         _add_flags(s, command)
         if command == "check":
             s.add_argument("--processes", type=int, default=1, help="processes the run will be launched with")
@@ -198,6 +201,15 @@ def main(argv=None) -> int:
     set_verbosity(verbose, getattr(args, "quiet", 0))
     try:
         return _dispatch(args)
+    except KeyboardInterrupt:
+        if verbose:
+            raise
+        # Every stage resumes (generation by prompt id, training from its last checkpoint), and
+        # every write is atomic: the same command continues. 130 = 128 + SIGINT, as shells use.
+        again = " ".join(["distillm2", *(argv if argv is not None else sys.argv[1:])])
+        print(f"\ndistillm2 {args.command}: interrupted; finished stages and the last checkpoint are kept: "
+              f"`{again}` continues", file=sys.stderr)
+        return 130
     except (UserError, FileNotFoundError, OSError) as err:
         if isinstance(err, OSError) and not isinstance(err, (UserError, FileNotFoundError)) \
                 and err.errno not in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
@@ -228,7 +240,7 @@ def _dispatch(args) -> int:
     elif args.command == "train":
         print(f"trained student in {pipeline.train_stage(cfg, force=args.force)}")
     elif args.command == "generate":
-        generation.generate(cfg)
+        generation.generate(cfg, force=args.force)
     elif args.command == "eval":
         evaluation.evaluate(cfg)
     elif args.command == "compare":

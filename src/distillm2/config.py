@@ -41,9 +41,9 @@ class ModelsConfig:
 
     teacher: str = opt("smollm2-135m-instruct", "hub id, local directory or embedded name of the teacher")
     student: str | None = opt(None, "hub id or directory of the student; unset: derived from the teacher's layers")
-    student_layers: list[int] | None = opt(None, "teacher layers a derived student keeps (increasing indices)")
+    student_layers: list[int] | None = opt(None, "teacher layers a derived student keeps (increasing indices)", bounds="[0, inf)")
     student_num_layers: int | None = opt(
-        None, "or keep this many evenly spaced layers; with neither set, half the teacher's layers")
+        None, "or keep this many evenly spaced layers; with neither set, half the teacher's layers", bounds="[1, inf)")
     dtype: str = opt("auto", "weights of the trained student (auto: float32, the master weights autocast computes "
                      "from)", choices=AUTO_DTYPE_NAMES)
     teacher_dtype: str = opt("auto", "weights of the frozen teacher; auto: bf16 where this device runs it fast "
@@ -57,14 +57,14 @@ class ModelsConfig:
     student_kwargs: dict = opt(help="extra from_pretrained arguments of the student", factory=dict)
     student_quantization_bits: int | None = opt(
         None, "quantisation recovery: the initial student's linear weights rounded to this many bits (weight-only, "
-        "absmax per group, stored dequantized); train it with models.lora against the full-precision teacher")
-    student_quantization_group: int = opt(64, "columns per quantisation scale")
+        "absmax per group, stored dequantized); train it with models.lora against the full-precision teacher", bounds="[2, 8]")
+    student_quantization_group: int = opt(64, "columns per quantisation scale", bounds="[1, inf)")
     freeze_vision_tower: bool = opt(True, "vision-language students: the vision tower is not trained (no gradient, no "
                                     "optimiser state, no LoRA adapters); the projector and language model are")
     lora: bool = opt(False, "train LoRA adapters instead of all weights")
-    lora_r: int = opt(16, "LoRA rank")
-    lora_alpha: int = opt(128, "LoRA alpha (the released recipe's 128)")
-    lora_dropout: float = opt(0.05, "LoRA dropout")
+    lora_r: int = opt(16, "LoRA rank", bounds="[1, inf)")
+    lora_alpha: int = opt(128, "LoRA alpha (the released recipe's 128)", bounds="(0, inf)")
+    lora_dropout: float = opt(0.05, "LoRA dropout", bounds="[0, 1)")
     lora_target_modules: str | list[str] = opt("all-linear", "modules that get adapters (peft's names)")
     lora_rounds: str = opt("fresh", "fresh: merge each stage's adapter and start a new one (the released recipe); "
                            "carry: train one adapter through every stage", choices=("fresh", "carry"))
@@ -83,13 +83,13 @@ class DataConfig:
     data_files: list[str] | None = opt(None, "hf:json / hf:parquet / hf:csv: the files to read")
     streaming: bool = opt(False, "hf: stream the set instead of downloading it whole (with data.max_prompts)")
     columns: dict = opt(help="hf and files: rename columns first, e.g. {question: prompt}", factory=dict)
-    max_prompts: int | None = opt(None, "use only the first n prompts")
+    max_prompts: int | None = opt(None, "use only the first n prompts", bounds="[1, inf)")
     response_field: str | None = opt(None, "column with a ground-truth response (a messages list ending with the "
                                      "assistant's turn carries one too)")
     sft_on: str = opt("auto", "what the warm-up trains on: ground_truth responses, the teacher's (SeqKD), or auto "
                       "(ground truth when every prompt has one)", choices=("auto", "ground_truth", "teacher"))
-    max_prompt_length: int = opt(512, "prompt tokens kept (the last ones; truncation is counted)")
-    max_length: int = opt(1024, "prompt + response tokens per trained row")
+    max_prompt_length: int = opt(512, "prompt tokens kept (the last ones; truncation is counted)", bounds="[1, inf)")
+    max_length: int = opt(1024, "prompt + response tokens per trained row", bounds="[2, inf)")
 
 
 @dataclass
@@ -98,19 +98,19 @@ class GenerationConfig:
 
     backend: str = opt("hf", "hf (transformers, every rank), vllm (in-process engine on the main process) or "
                        "server (an OpenAI-compatible endpoint)", choices=("hf", "vllm", "server"))
-    max_new_tokens: int = opt(256, "tokens per response at most")
+    max_new_tokens: int = opt(256, "tokens per response at most", bounds="[1, inf)")
     temperature: float = opt(0.8, "sampling temperature (the paper's 0.8)")
-    top_p: float = opt(0.95, "nucleus sampling threshold (the paper's 0.95)")
+    top_p: float = opt(0.95, "nucleus sampling threshold (the paper's 0.95)", bounds="(0, 1]")
     greedy: bool = opt(False, "greedy decoding instead of sampling")
-    batch_size: int = opt(16, "prompts per generation batch (HF backend)")
+    batch_size: int = opt(16, "prompts per generation batch (HF backend)", bounds="[1, inf)")
     dtype: str = opt("auto", "weights used for sampling (auto: as models.teacher_dtype's auto; bf16 samples ~2x "
                      "faster on a CPU with bf16 units, ~40x slower on one without)", choices=AUTO_DTYPE_NAMES)
     teacher_per_round: bool = opt(False, "regenerate the teacher's responses every round")
-    vllm_tensor_parallel_size: int = opt(1, "vLLM: GPUs per engine")
+    vllm_tensor_parallel_size: int = opt(1, "vLLM: GPUs per engine", bounds="[1, inf)")
     vllm_gpu_memory_utilization: float = opt(
-        0.5, "vLLM: fraction of the GPU the engine may take beside the training state (distillm2 check)")
+        0.5, "vLLM: fraction of the GPU the engine may take beside the training state (distillm2 check)", bounds="(0, 1]")
     vllm_max_model_len: int | None = opt(None, "vLLM: context length; unset: data.max_prompt_length + max_new_tokens")
-    vllm_cpu_kvcache_gib: int = opt(4, "vLLM on a CPU: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    vllm_cpu_kvcache_gib: int = opt(4, "vLLM on a CPU: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)", bounds="[1, inf)")
     server_url: str | None = opt(None, "server backend: OpenAI-compatible base URL serving the teacher, e.g. "
                                  "http://127.0.0.1:8000/v1 (API key from $OPENAI_API_KEY)")
     server_model: str | None = opt(None, "server backend: the teacher's model name there (default: models.teacher)")
@@ -118,8 +118,8 @@ class GenerationConfig:
         None, "server backend: a vLLM server (VLLM_SERVER_DEV_MODE=1) on the student's architecture whose weights "
         "are replaced each round; unset: the student is sampled with hf")
     student_server_model: str | None = opt(None, "server backend: the student's model name there")
-    server_concurrency: int = opt(8, "server backend: requests in flight")
-    server_timeout: float = opt(600.0, "server backend: seconds per request before a retry")
+    server_concurrency: int = opt(8, "server backend: requests in flight", bounds="[1, inf)")
+    server_timeout: float = opt(600.0, "server backend: seconds per request before a retry", bounds="(0, inf)")
 
 
 @dataclass
@@ -127,25 +127,25 @@ class TrainConfig:
     """``train:`` the optimiser and the loop."""
 
     optimizer: str = opt("adamw", "adamw (the paper) or sgd (plain, no momentum)", choices=("adamw", "sgd"))
-    lr: float = opt(5e-5, "peak learning rate")
-    weight_decay: float = opt(0.0, "decoupled weight decay")
+    lr: float = opt(5e-5, "peak learning rate", bounds="[0, inf)")
+    weight_decay: float = opt(0.0, "decoupled weight decay", bounds="[0, inf)")
     adam_betas: list[float] = opt(help="AdamW betas", factory=lambda: [0.9, 0.999])
     fused_optimizer: bool = opt(True, "fused AdamW where the engine allows it (one process, DDP): one kernel per "
                                 "step instead of a loop over tensors (8x faster on a CPU)")
-    warmup_ratio: float = opt(0.1, "fraction of each stage's steps spent warming up")
+    warmup_ratio: float = opt(0.1, "fraction of each stage's steps spent warming up", bounds="[0, 1]")
     lr_schedule: str = opt("cosine", "after warm-up", choices=("cosine", "constant"))
-    max_grad_norm: float = opt(1.0, "gradient clipping norm")
-    batch_size: int = opt(4, "pairs per micro-batch per process (2 rows each for two-row losses)")
-    grad_accum: int = opt(1, "micro-batches per optimiser step")
-    epochs: float = opt(1.0, "passes over the pairs per round")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm", bounds="[0, inf)")
+    batch_size: int = opt(4, "pairs per micro-batch per process (2 rows each for two-row losses)", bounds="[1, inf)")
+    grad_accum: int = opt(1, "micro-batches per optimiser step", bounds="[1, inf)")
+    epochs: float = opt(1.0, "passes over the pairs per round", bounds="(0, inf)")
     mixed_precision: str = opt("auto", "autocast of the student (accelerate's names); auto: bf16 where this device "
                                "runs it fast, fp16 with gradient scaling on GPUs without bf16, else no",
                                choices=("auto", "no", "bf16", "fp16"))
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass")
     reduction: str = opt("sequence", "per-pair token means (the paper) or one token mean",
                          choices=("sequence", "token"))
-    log_every: int = opt(1, "optimiser steps between metrics lines")
-    checkpoint_every: int = opt(50, "optimiser steps between checkpoints (and always at the end of a stage)")
+    log_every: int = opt(1, "optimiser steps between metrics lines", bounds="[1, inf)")
+    checkpoint_every: int = opt(50, "optimiser steps between checkpoints (and always at the end of a stage)", bounds="[0, inf)")
     fused_loss: bool = opt(False, "distillm2 loss from hidden states, chunk by chunk: no [tokens, vocab] logits "
                            "(one process; pays off at large vocabularies)")
     teacher_topk: int = opt(0, "0: the teacher's exact logits (the default). k > 0: its top-k log-probabilities + tail "
@@ -161,7 +161,7 @@ class TrainConfig:
     run_name: str | None = opt(None, "tracker run name (default: the run directory's name)")
     max_nonfinite_steps: int = opt(
         3, "steps in a row whose loss or gradient norm is not finite (each skipped: no weight changes) before "
-        "the stage stops with an error")
+        "the stage stops with an error", bounds="[0, inf)")
 
 
 @dataclass
@@ -169,10 +169,10 @@ class LossConfig:
     """``loss:`` the objective and its schedules."""
 
     name: str = opt("distillm2", "the loss", choices="distillm2.losses:LOSSES", noun="loss")
-    temperature: float = opt(1.0, "softmax temperature of both models in the loss")
-    alpha0: float = opt(0.1, "skew coefficient (round 1, and the curriculum's start)")
-    alpha_min: float = opt(0.01, "curriculum: smallest alpha")
-    alpha_max: float = opt(0.1, "curriculum: largest alpha")
+    temperature: float = opt(1.0, "softmax temperature of both models in the loss", bounds="(0, inf)")
+    alpha0: float = opt(0.1, "skew coefficient (round 1, and the curriculum's start)", bounds="[0, 1)")
+    alpha_min: float = opt(0.01, "curriculum: smallest alpha", bounds="[0, 1)")
+    alpha_max: float = opt(0.1, "curriculum: largest alpha", bounds="[0, 1)")
     curriculum: bool = opt(True, "adaptive alpha per sample from round 2 (DistiLLM-2 §3.3)")
     negative_gap: str = opt("alpha_min", "curriculum: alpha of a sample the student already does well on "
                             "(alpha_max is what the released formula gives)", choices="distillm2.schedules:NEGATIVE_GAP_RULES")
@@ -180,12 +180,12 @@ class LossConfig:
     # raised the KL by 0.09-0.10, with or without the curriculum: constant is the default.
     beta_schedule: str = opt("constant", "weight of the reverse term over the run",
                              choices="distillm2.schedules:BETA_SCHEDULES")
-    beta0: float = opt(0.5, "beta at the start")
-    beta_max: float = opt(0.75, "beta at the end of the ramp (linear schedule)")
-    beta_ramp: float = opt(0.5, "fraction of the run the linear ramp takes")
-    jsd_beta: float = opt(0.9, "GKD baseline: the generalised JSD's beta")
-    dpo_beta: float = opt(0.1, "DPKD baseline: the DPO temperature beta")
-    skd_top_k: int = opt(25, "SKD baseline: a student token outside the teacher's top k is replaced by a teacher sample")
+    beta0: float = opt(0.5, "beta at the start", bounds="[0, 1]")
+    beta_max: float = opt(0.75, "beta at the end of the ramp (linear schedule)", bounds="[0, 1]")
+    beta_ramp: float = opt(0.5, "fraction of the run the linear ramp takes", bounds="(0, 1]")
+    jsd_beta: float = opt(0.9, "GKD baseline: the generalised JSD's beta", bounds="(0, 1)")
+    dpo_beta: float = opt(0.1, "DPKD baseline: the DPO temperature beta", bounds="(0, inf)")
+    skd_top_k: int = opt(25, "SKD baseline: a student token outside the teacher's top k is replaced by a teacher sample", bounds="[1, inf)")
 
 
 @dataclass
@@ -224,8 +224,8 @@ class RunConfig:
     """``distillm2 run`` / ``distillm2 demo``: the whole pipeline."""
 
     output_dir: str = opt("runs/distillm2", "the run directory")
-    rounds: int = opt(3, "DistiLLM-2 rounds (student responses regenerated each round)")
-    sft_epochs: float = opt(0.0, "warm-up epochs of the student on teacher responses before round 1")
+    rounds: int = opt(3, "DistiLLM-2 rounds (student responses regenerated each round)", bounds="[0, inf)")
+    sft_epochs: float = opt(0.0, "warm-up epochs of the student on teacher responses before round 1", bounds="[0, inf)")
     models: ModelsConfig = opt(help="teacher and student", factory=ModelsConfig)
     data: DataConfig = opt(help="prompts and lengths", factory=DataConfig)
     generation: GenerationConfig = opt(help="sampling", factory=GenerationConfig)
@@ -355,3 +355,10 @@ COMMANDS = {"run": RunConfig, "demo": RunConfig, "check": RunConfig, "train": Tr
             "eval": EvaluateConfig, "compare": CompareConfig}
 
 
+def check_trains_something(cfg: RunConfig) -> None:
+    """A run config that would train nothing is refused: ``rounds: 0`` with no SFT warm-up and
+    no alignment stage would save the untrained student as ``final/``. (``compare`` builds its
+    shared stage with ``rounds: 0`` itself, not through this check.)"""
+    if cfg.rounds == 0 and not cfg.sft_epochs and not cfg.align.pairs:
+        raise ConfigError("rounds: 0 with sft_epochs 0 and no align.pairs trains nothing (final/ would be the "
+                          "untrained student); set rounds >= 1, or sft_epochs > 0 for an SFT-only run")

@@ -160,6 +160,8 @@ def read_table(path: Path) -> list[dict]:
             rows = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
         if not isinstance(rows, list):
             raise DataError(f"{path}: expected a JSON list of objects")
         return rows

@@ -18,18 +18,22 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib.util
 import os
 
 import torch
 
 from distillm2 import vision
 from distillm2.config import TrainConfig
-from distillm2.errors import NonFiniteError
+from distillm2.errors import MissingExtra, NonFiniteError
 from distillm2.files import atomic_dir
 
 # Generation on the main process (vLLM, a server) or a long evaluation can keep the other ranks
 # at a barrier for a long time; the default collective timeout would kill them.
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=int(os.environ.get("DISTILLM2_COLLECTIVE_TIMEOUT_H", "6")))
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 
 
 def _flag(name: str) -> bool:
@@ -45,6 +49,10 @@ def make_accelerator(mixed_precision: str = "no", log_with: list[str] | None = N
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
+    for tracker in log_with or []:  # a tracker that is not installed would log nothing, with a warning only
+        package = TRACKER_PACKAGES.get(tracker, tracker)
+        if importlib.util.find_spec(package) is None:
+            raise MissingExtra(f"train.report_to {tracker}", command=f"pip install {package}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     on_cpu = not torch.cuda.is_available() or _flag("ACCELERATE_USE_CPU")
     kwargs = {"mixed_precision": mixed_precision, "step_scheduler_with_optimizer": False}

@@ -2,7 +2,8 @@
 
 ``DISTILLM2_CRASH=<stage>:<n>`` kills the process with SIGKILL after ``n`` batches (generation,
 stage names such as ``round-2/student``) or ``n`` optimiser steps (training, ``round-2/train``)
-of the named stage. Unset, it costs one dictionary lookup per batch.
+of the named stage; with ``DISTILLM2_CRASH_SIGNAL=INT`` it sends itself SIGINT instead (a
+Ctrl-C at that point). Unset, it costs one dictionary lookup per batch.
 """
 
 from __future__ import annotations
@@ -28,4 +29,4 @@ def maybe_crash(stage: str, done: int) -> None:
         return
     name, _, count = spec.rpartition(":")
     if name == stage and done >= int(count):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGINT if os.environ.get("DISTILLM2_CRASH_SIGNAL") == "INT" else signal.SIGKILL)

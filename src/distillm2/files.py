@@ -30,8 +30,13 @@ def read_jsonl(path: str | Path) -> list[dict]:
     """Every line of a JSONL file as a dict; a malformed line is an error naming file and line."""
     path = Path(path)
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{number}: not UTF-8 text ({err.reason} at byte {err.start} of the line); "
+                                "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -26,7 +26,7 @@ import torch
 from filelock import FileLock
 
 from distillm2 import vision
-from distillm2.errors import DataError, MissingExtra, TokenizerMismatch
+from distillm2.errors import ConfigError, DataError, MissingExtra, TokenizerMismatch
 from distillm2.files import atomic_dir, cache_dir, write_text_atomic
 from distillm2.progress import bars_shown, logger
 
@@ -137,6 +137,11 @@ def load_tokenizer(name_or_path: str):
     A vision-language model's tokenizer is its processor's and carries the processor."""
     from transformers import AutoProcessor, AutoTokenizer
 
+    folder = Path(resolve(name_or_path))
+    if folder.is_dir() and not any((folder / f).exists() for f in ("config.json", "tokenizer.json",
+                                                                    "tokenizer_config.json", "tokenizer.model")):
+        raise DataError(f"{name_or_path}: not a model directory (no config.json, tokenizer.json, "
+                        "tokenizer_config.json or tokenizer.model in it)")
     try:
         if is_vision_model(name_or_path):
             tokenizer = vision.attach_processor(AutoProcessor.from_pretrained(resolve(name_or_path)))
@@ -273,6 +278,29 @@ def evenly_spaced_layers(total: int, keep: int) -> list[int]:
     if keep == 1:
         return [0]
     return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
+
+
+def student_layers_of(teacher: str, layers: list[int] | None, num_layers: int | None, **extra) -> list[int]:
+    """The teacher layers a derived student keeps (``models.student_layers``, or
+    ``student_num_layers`` evenly spaced, or half), checked against the teacher's depth from its
+    config alone (no weights loaded): a ConfigError names the setting and the depth."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve(teacher), **{k: v for k, v in extra.items()
+                                                                 if k in ("revision", "trust_remote_code")})
+    except OSError as err:
+        raise _hub_error(teacher, err) from None
+    total = vision.text_config(config).num_hidden_layers
+    if layers is not None:
+        if not layers or sorted(set(layers)) != list(layers) or layers[-1] >= total:
+            raise ConfigError(f"models.student_layers: expected increasing indices in [0, {total}) (the teacher has "
+                              f"{total} layers), got {list(layers)}")
+        return list(layers)
+    n = num_layers if num_layers is not None else max(1, total // 2)
+    if not 1 <= n <= total:
+        raise ConfigError(f"models.student_num_layers: expected 1..{total} (the teacher's layers), got {n}")
+    return evenly_spaced_layers(total, n)
 
 
 def derive_student(teacher, layers: list[int] | None = None, num_layers: int | None = None):

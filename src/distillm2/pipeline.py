@@ -18,7 +18,13 @@ import yaml
 
 from distillm2 import distributed, models, precision, vision
 from distillm2.checkpoint import remove_checkpoint
-from distillm2.config import LossConfig, RunConfig, TrainStageConfig, to_yaml
+from distillm2.config import (
+    LossConfig,
+    RunConfig,
+    TrainStageConfig,
+    check_trains_something,
+    to_yaml,
+)
 from distillm2.data import load_prompts
 from distillm2.errors import ConfigError, DataError
 from distillm2.evaluation.held_out import evaluate_models
@@ -106,6 +112,8 @@ class Run:
         self.tokenizer = models.load_tokenizer(mc.student or mc.teacher)
         teacher_tok = models.load_tokenizer(mc.teacher)
         models.check_tokenizers(teacher_tok, self.tokenizer)  # the vocabularies; the heads once loaded
+        if not mc.student and not (self.dir / "student-init" / "config.json").exists():
+            models.student_layers_of(mc.teacher, mc.student_layers, mc.student_num_layers, **mc.teacher_kwargs)
         prompts_path, init_dir = self.dir / "prompts.jsonl", self.dir / "student-init"
         new_prompts = new_student = None
         if main and not prompts_path.exists():
@@ -436,6 +444,7 @@ class Run:
 def run(cfg: RunConfig, force: bool = False) -> Path:
     """Run (or continue) the whole pipeline, evaluating at the end when ``cfg.eval.prompts`` is
     set; returns the run directory. ``force``: continue a directory whose saved config differs."""
+    check_trains_something(cfg)
     return Run(cfg, force=force).execute()
 
 

@@ -221,6 +221,8 @@ class Trainer:
         if resumed is not None:
             self.state = resumed
             logger.info("%s: resumed at step %d of %d", self.stage_dir.name, self.state["step"], len(self.steps))
+        else:
+            checkpoint.cut_metrics(accelerator, self.stage_dir, 0)
         if accelerator.is_main_process:
             write_json_atomic(self.stage_dir / "train_info.json", {
                 "num_processes": self.world, "distributed_type": str(accelerator.distributed_type),

@@ -23,7 +23,7 @@ import torch
 from distillm2 import models
 from distillm2.config import EvaluateConfig
 from distillm2.errors import DataError, MissingExtra
-from distillm2.evaluation.identity import cache_key
+from distillm2.identity import cache_key
 from distillm2.progress import logger
 
 PREFIX = "lm_eval:"

@@ -18,7 +18,6 @@ from pathlib import Path
 from distillm2 import distributed, models
 from distillm2.config import GenerationConfig, RunEvalConfig
 from distillm2.data import load_prompts
-from distillm2.evaluation.identity import cache_key, claim, model_identity, read_keyed_json
 from distillm2.evaluation.metrics import (
     own_metrics_from,
     own_output_metrics,
@@ -27,6 +26,7 @@ from distillm2.evaluation.metrics import (
 )
 from distillm2.files import write_json_atomic, write_jsonl
 from distillm2.generation import generate_responses
+from distillm2.identity import cache_key, claim, model_identity, read_keyed_json
 
 
 def _stored(path: Path, key: str, value: dict, main: bool) -> dict:

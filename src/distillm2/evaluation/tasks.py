@@ -40,12 +40,12 @@ from distillm2.evaluation.benchmarks import (
     score_humaneval,
 )
 from distillm2.evaluation.harness import PREFIX as LM_EVAL_PREFIX
-from distillm2.evaluation.identity import cache_key, model_identity
 from distillm2.evaluation.judge import CachedJudge, hf_judge, openai_judge, pairwise_win_rate
 from distillm2.evaluation.metrics import own_output_metrics, rouge_summary, teacher_forced_kl
 from distillm2.evaluation.speculative import speculative_eval
 from distillm2.files import read_jsonl
 from distillm2.generation import generate_responses
+from distillm2.identity import cache_key, model_identity
 
 
 @dataclass

@@ -21,6 +21,7 @@ Image prompts run with ``hf`` only: the other backends and interleaved sampling 
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -28,12 +29,13 @@ from distillm2 import distributed, models, precision, vision
 from distillm2.config import GenerateConfig, GenerationConfig
 from distillm2.data import load_prompts
 from distillm2.errors import ConfigError
-from distillm2.files import read_jsonl
+from distillm2.files import read_jsonl, write_json_atomic
 from distillm2.generation.common import all_paths, done_rows, merge_parts, repair
 from distillm2.generation.hf import eos_ids, generate_hf, sampling_kwargs
 from distillm2.generation.interleaved import generate_interleaved
 from distillm2.generation.server import generate_server, load_weights
 from distillm2.generation.vllm import _import_vllm, generate_vllm
+from distillm2.identity import model_identity
 from distillm2.progress import logger, setup_logging
 
 __all__ = ["generate", "generate_hf", "generate_responses", "generate_server", "generate_vllm", "sampling_kwargs"]
@@ -139,9 +141,38 @@ def generate_responses(model, tokenizer, prompts: list[dict], output: str | Path
     return read_jsonl(output)
 
 
-def generate(cfg: GenerateConfig) -> Path:
+def _settings_record(cfg: GenerateConfig, settings: GenerationConfig) -> dict:
+    """What determines ``distillm2 generate``'s rows: the model (and a fingerprint of its
+    files), the prompts, the decoding settings and seed, the backend and dtype."""
+    return {"model": cfg.model, "model_fingerprint": model_identity(cfg.model)["fingerprint"],
+            "prompts": cfg.prompts, "field": cfg.field, "seed": cfg.seed, "max_prompt_length": cfg.max_prompt_length,
+            **{k: getattr(settings, k) for k in ("backend", "dtype", "max_new_tokens", "temperature", "top_p",
+                                                 "greedy")}}
+
+
+def _guard_output(output: Path, record: dict, force: bool) -> None:
+    """Refuse to continue ``output`` when it was made with other settings (the rows there would
+    be returned as if made with these), unless ``force`` (then it is replaced)."""
+    marker = output.with_name(output.name + ".settings.json")
+    if not output.exists() and not any(output.parent.glob(output.name + ".rank*")):
+        return
+    old = json.loads(marker.read_text()) if marker.exists() else None
+    if old == record:
+        return
+    differ = ["(no record of the settings it was made with)"] if old is None else \
+        [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in record.items() if old.get(k) != v]
+    if not force:
+        raise ConfigError(f"{output} was made with other settings ({', '.join(differ[:4])}); its rows would be "
+                          "returned as this command's. Use another --output, or --force to replace it")
+    logger.warning("%s: replacing rows made with other settings (%s)", output, ", ".join(differ[:4]))
+    for part in [output, *output.parent.glob(output.name + ".rank*")]:
+        part.unlink(missing_ok=True)
+
+
+def generate(cfg: GenerateConfig, force: bool = False) -> Path:
     """``distillm2 generate``: responses of ``cfg.model`` for ``cfg.prompts`` into ``cfg.output``
-    (resumable), on ``cfg.device``. Returns the output path."""
+    (resumable: a rerun of the same command continues), on ``cfg.device``. An output made with
+    other settings is refused unless ``force`` replaces it. Returns the output path."""
     for key in ("model", "prompts", "output"):
         if not getattr(cfg, key):
             raise ConfigError(f"generate: {key} is required (--{key} or `{key}:` in the config)")
@@ -153,8 +184,12 @@ def generate(cfg: GenerateConfig) -> Path:
     model, device = None, models.pick_device(cfg.device)
     settings = dataclasses.replace(cfg.generation, dtype=precision.resolve_weights(
         cfg.generation.dtype, device, cfg.model, "generation.dtype"))
+    output, record = Path(cfg.output), _settings_record(cfg, settings)
+    _guard_output(output, record, force)
     if settings.backend == "hf":
         model = models.load_model(cfg.model, settings.dtype, device=device)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(output.with_name(output.name + ".settings.json"), record)
     rows = generate_responses(model, tokenizer, prompts, cfg.output, settings, seed=cfg.seed,
                               max_prompt_length=cfg.max_prompt_length, source=cfg.model, role="teacher")
     logger.info("%d responses in %s", len(rows), cfg.output)
