@@ -15,7 +15,7 @@ from tiny import make_model, make_tokenizer
 from distillm2 import cli, files
 from distillm2.config import RunConfig, load_config
 from distillm2.data import load_prompts
-from distillm2.hub import model_card, push
+from distillm2.hub import _loss, hub_id, model_card, push
 from distillm2.pairs import load_pairs, write_pairs
 from distillm2.pipeline import run
 
@@ -48,6 +48,9 @@ def test_plot_command(finished_run, tmp_path, capsys):
     assert cli.main(["plot", str(finished_run)]) == 0
     png = finished_run / "curves.png"
     assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+    new_folder = tmp_path / "plots" / "new"  # issue 19, item 10: --output into a folder that does not exist
+    assert cli.main(["plot", str(finished_run), "--output", str(new_folder / "c.png")]) == 0
+    assert (new_folder / "c.png").read_bytes()[:4] == b"\x89PNG"
     assert cli.main(["plot", str(tmp_path)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
 
@@ -65,9 +68,18 @@ class FakeHub:
 
 def test_model_card_and_push(finished_run):
     card = model_card(finished_run)
-    for needed in ("base_model:", "| teacher |", "| loss | distillm2", "| rounds | 2", "@inproceedings{ko2025distillm2",
+    for needed in ("| teacher |", "| loss | distillm2", "| rounds | 2", "@inproceedings{ko2025distillm2",
                    "## Config", "warm-up | 1.0 epochs on teacher responses"):
         assert needed in card, needed
+    # issue 19, item 10: a local path is never written as base_model (the Hub needs an id); the
+    # curriculum is said to act from round 2; a constant beta is one number
+    assert "base_model:" not in card.split("## Config")[0]
+    assert "then adaptive in [" in card and "beta 0.5;" not in card and "->" not in card.split("| loss |")[1].split("\n")[0]
+    assert hub_id("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub_id("org/model") == "org/model" and hub_id(str(finished_run)) is None
+    assert "not used in a 1-round run" in _loss({"name": "distillm2", "alpha0": 0.1, "curriculum": True}, 1)
+    assert _loss({"name": "distillm2", "alpha0": 0.1, "beta_schedule": "linear", "beta0": 0.5, "beta_max": 0.75},
+                 2).endswith("beta linear 0.5 -> 0.75")
     hub = FakeHub()
     url = push(finished_run, "me/tiny-student", private=True, api=hub)
     assert url.endswith("me/tiny-student")

@@ -252,3 +252,40 @@ def test_nucleus_from_top_k_keeps_what_hf_top_p_keeps(top_p):
     assert (width <= 64).any() and (width > 4096).any()
     assert torch.equal(torch.isfinite(ours), torch.isfinite(theirs))
     assert torch.equal(ours[torch.isfinite(ours)], scaled[torch.isfinite(ours)])  # kept scores: T applied, untouched
+
+
+def test_a_diverging_stage_stops_with_the_step_and_the_numbers(tiny, tmp_path):
+    """Issue 19, item 3: a stage whose loss explodes while staying finite stops with exit 2
+    naming the step, saves no model, and the run is not done. The explosion is injected (the
+    student's logits scaled by 1e3 at steps 4-5: a real, finite, huge KL, under `kd`, whose
+    forward KL is unbounded -- DistiLLM-2's skew KLs are bounded by -log alpha, 2.3 nats at
+    alpha 0.1, so there the vanished gradient is what signals divergence); the tiny test models
+    cannot be made to diverge finitely by the learning rate alone (at lr >= 100 their gradient
+    turns non-finite, the other guard). The same run without the fault is not stopped."""
+    cfg = tiny_config(tiny, tmp_path / "hot", rounds=1, **{"train.grad_accum": 1, "loss.name": "kd"})
+    failed = _cli_run(cfg, tmp_path / "hot.yaml", DISTILLM2_BLOWUP="round-1/train:4,5")
+    assert failed.returncode == 2, failed.stderr[-2000:]
+    line = [ln for ln in failed.stderr.splitlines() if "diverged" in ln]
+    assert line and "round-1: step 4 diverged" in line[0] and "lower train.lr" in line[0], failed.stderr[-2000:]
+    assert "Traceback" not in failed.stderr
+    assert not (tmp_path / "hot" / "round-1" / "model").exists() and not (tmp_path / "hot" / "final").exists()
+    metrics = _rows(tmp_path / "hot" / "round-1" / "metrics.jsonl")
+    assert len(metrics) == 4 and all(math.isfinite(m["loss"]) for m in metrics)  # finite, yet diverged
+
+
+def test_divergence_check_fires_on_explosions_and_zero_gradients_only():
+    from distillm2 import divergence
+
+    healthy = [2.0, 2.3, 1.9, 2.6, 1.5, 1.2, 3.1, 0.9]  # noisy, falling, one batch 1.6x the reference
+    state: dict = {}
+    assert [divergence.check(state, i + 1, v, 1.0, 10.0) for i, v in enumerate(healthy)] == [None] * len(healthy)
+    assert state["loss_reference"] == 2.0  # median of the first three
+    assert "loss 25" in divergence.check(state, 9, 25.0, 1.0, 10.0)
+    state = {}
+    assert divergence.check(state, 1, 2.0, 0.0, 10.0) is None  # one zero norm is not yet a pattern
+    assert "exactly 0 for 2 steps" in divergence.check(state, 2, 2.0, 0.0, 10.0)
+    assert divergence.check({}, 1, 2.0, 0.0, 0.0) is None and divergence.check({}, 1, 1e9, 1.0, 0.0) is None  # off
+    state = {"loss_reference": [2.0]}  # resumed while collecting: the reference is the first loss until then
+    assert "is 20x the stage's reference 2" in divergence.check(state, 2, 40.0, 1.0, 10.0)
+    small = {"loss_reference": 5e-4}  # near 0 the reference is floored: 25x of 5e-4 is noise
+    assert divergence.check(small, 9, 0.0125, 0.1, 10.0) is None and "x the stage" in divergence.check(small, 10, 11.0, 0.1, 10.0)

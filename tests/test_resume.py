@@ -70,6 +70,8 @@ def test_rerun_of_finished_run_does_nothing(tiny, tmp_path):
     again = _run_cli(cfg)
     assert again.returncode == 0
     assert "train round" not in again.stderr and "round-1/teacher" not in again.stderr
+    # issue 19, item 8: the rerun says so and where the model is (both runs name it)
+    assert "already finished, nothing to redo" in again.stderr and f"the final model is {run_dir / 'final'}" in again.stderr
     assert (run_dir / "final" / "model.safetensors").stat().st_mtime_ns == before
 
 

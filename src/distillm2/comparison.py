@@ -27,7 +27,7 @@ from distillm2.config import CompareConfig, ConfigError, RunConfig, load_config,
 from distillm2.evaluation.held_out import evaluate_models
 from distillm2.evaluation.metrics import rouge_l_scores
 from distillm2.evaluation.report import models_table, write_held_out
-from distillm2.files import atomic_dir, read_jsonl
+from distillm2.files import atomic_dir, atomic_path, read_jsonl
 from distillm2.losses import LOSSES, topk_unsupported
 from distillm2.pipeline import Run
 from distillm2.progress import logger
@@ -224,5 +224,6 @@ def curves_plot(methods: dict, path: Path) -> None:
         ax.axis("off")
     fig.suptitle("training loss (each method's own objective)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:  # its folder made; never a half-written PNG
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)

@@ -162,6 +162,10 @@ class TrainConfig:
     max_nonfinite_steps: int = opt(
         3, "steps in a row whose loss or gradient norm is not finite (each skipped: no weight changes) before "
         "the stage stops with an error", bounds="[0, inf)")
+    divergence_factor: float = opt(
+        10.0, "a stage stops when a step's loss exceeds this many times its first steps' (median of 3), or "
+        "the gradient norm is exactly 0 twice in a row (saturated weights); 0 turns the check off",
+        bounds="[0, inf)")
 
 
 @dataclass

@@ -24,6 +24,10 @@ class NonFiniteError(UserError, FloatingPointError):
     """Training produced non-finite losses or gradients too often, or weights that are not finite."""
 
 
+class DivergenceError(NonFiniteError):
+    """Training stayed finite but diverged: the loss exploded or the gradient vanished."""
+
+
 class MissingExtra(UserError, ImportError):
     """An optional dependency is not installed; the message gives the install command."""
 

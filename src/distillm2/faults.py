@@ -12,10 +12,11 @@ import os
 import signal
 
 
-def nan_at(stage: str, step: int) -> bool:
+def nan_at(stage: str, step: int, variable: str = "DISTILLM2_NAN") -> bool:
     """Whether ``DISTILLM2_NAN=<stage>:<step>[,<step>...]`` asks for a non-finite loss at ``step``
-    (1-based optimiser step) of ``stage`` (e.g. ``round-1/train``)."""
-    spec = os.environ.get("DISTILLM2_NAN")
+    (1-based optimiser step) of ``stage`` (e.g. ``round-1/train``); ``variable``
+    ``DISTILLM2_BLOWUP``: student logits scaled by 1e3 there (a finite loss explosion)."""
+    spec = os.environ.get(variable)
     if not spec:
         return False
     name, _, steps = spec.rpartition(":")

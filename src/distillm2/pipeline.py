@@ -324,6 +324,8 @@ class Run:
     def execute(self) -> Path:
         """Run (or continue) every stage; returns the run directory."""
         cfg = self.cfg
+        status = self.dir / "status.json"
+        was_finished = status.exists() and json.loads(status.read_text()).get("finished") is True
         fresh_lora = cfg.models.lora and cfg.models.lora_rounds == "fresh"
         teacher_rows = self.generate(self.teacher, self.dir / "round-1" / "teacher.jsonl", "round-1/teacher", True)
         student, previous = None, None
@@ -368,11 +370,15 @@ class Run:
 
         if cfg.align.pairs:
             student, previous = self._align(student, previous)
-        if self._final_is_stale(previous):
+        rebuilt = self._final_is_stale(previous)
+        if rebuilt:
             if student is None:
                 student = self.load_student(previous)
             self.save_final(student, to_yaml(cfg))
         if self.main:
+            # said in every case: a run without evaluation otherwise ends without naming its model
+            logger.info("%s%s", "already finished, nothing to redo: " if was_finished and not rebuilt else "",
+                        f"the final model is {self.dir / 'final'}")
             write_json_atomic(self.dir / "status.json", {"finished": True, "rounds": cfg.rounds}, indent=None)
         if cfg.eval.prompts:
             self.evaluate()
@@ -463,4 +469,7 @@ def train_stage(cfg: TrainStageConfig, force: bool = False) -> Path:
         student = r.train_stage(r.load_student(None), pairs, stage, cfg.loss, cfg.train.epochs, Schedule())
     if student is None:
         student = r.load_student(stage / "model")
-    return r.save_final(student, to_yaml(cfg))
+    final = r.save_final(student, to_yaml(cfg))
+    if r.main:
+        write_model_card(r.dir)
+    return final

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from distillm2.errors import DataError
-from distillm2.files import read_jsonl
+from distillm2.files import atomic_path, read_jsonl
 
 PANELS = (
     ("loss", ("loss", "skl", "srkl", "nll", "chosen", "rejected")),
@@ -66,6 +66,7 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
             ax.legend(fontsize=6)
     fig.suptitle(f"{run_dir.name}: " + ", ".join(s for s, _ in found))
     fig.tight_layout()
-    fig.savefig(output, dpi=100)
+    with atomic_path(output) as tmp:  # its folder made; never a half-written PNG
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return output

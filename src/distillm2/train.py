@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from distillm2 import checkpoint, distributed, vision
+from distillm2 import checkpoint, distributed, divergence, vision
 from distillm2.config import LossConfig, TrainConfig
 from distillm2.data import Batch, collate, encode_pairs, sub_batch
-from distillm2.errors import ConfigError, NonFiniteError
+from distillm2.errors import ConfigError, DivergenceError, NonFiniteError
 from distillm2.faults import maybe_crash, nan_at
 from distillm2.files import write_json_atomic
 from distillm2.fused_loop import fused_gaps, fused_loss, hidden_batch, response_hidden
@@ -371,6 +371,8 @@ class Trainer:
                     acc.sync_gradients = sync
                     with acc.no_sync(self.student) if not sync else contextlib.nullcontext():
                         student_logits, teacher_logits = self._logits(mb)
+                        if nan_at(f"{self.stage_dir.name}/train", step + 1, "DISTILLM2_BLOWUP"):
+                            student_logits = student_logits * 1e3  # fault injection (tests): finite, exploded
                         loss = self._loss(mb, student_logits, teacher_logits, beta, denom, metrics)
                         # The chunked losses form their gradient during the forward pass and keep
                         # neither model's [R, T, V] logits for the backward one: dropping ours here
@@ -413,7 +415,12 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.state["step"] = step + 1
                 metrics.add("skipped", 0.0 if finite else 1.0)
-                self._log(step + 1, metrics, beta, lr, grad_norm, time.perf_counter() - t0, metrics_path, bar)
+                record = self._log(step + 1, metrics, beta, lr, grad_norm, time.perf_counter() - t0, metrics_path, bar)
+                why = divergence.check(self.state, step + 1, record["loss"], grad_norm, cfg.divergence_factor) \
+                    if finite else None
+                if why:  # before this step's checkpoint: the last one saved is from before the divergence
+                    raise DivergenceError(f"{self.stage_dir}: step {step + 1} diverged: {why}. The last checkpoint "
+                                          "is intact; lower train.lr (and rerun with --force: the config changed)")
                 last = step + 1 == len(self.steps)
                 if last:
                     self.state["finished"] = True
@@ -464,3 +471,4 @@ class Trainer:
         if self.acc.is_main_process:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        return record

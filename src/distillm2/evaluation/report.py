@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distillm2.files import write_json_atomic, write_text_atomic
+from distillm2.files import atomic_path, write_json_atomic, write_text_atomic
 
 BETTER = {"rouge_l": "(higher better)", "kl_teacher_responses": "(lower better)",
           "nll_teacher_responses": "(lower better)", "teacher_nll_own_outputs": "(lower better)",
@@ -60,7 +60,8 @@ def bar_plot(models: dict[str, dict], metrics: list[str], path: Path, title: str
             ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:  # its folder made; never a half-written PNG
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 
