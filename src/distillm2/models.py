@@ -293,15 +293,21 @@ def student_layers_of(teacher: str, layers: list[int] | None, num_layers: int | 
     except OSError as err:
         raise _hub_error(teacher, err) from None
     total = vision.text_config(config).num_hidden_layers
+    return chosen_layers(total, layers, num_layers if num_layers is not None else max(1, total // 2))
+
+
+def chosen_layers(total: int, layers: list[int] | None, num_layers: int | None) -> list[int]:
+    """``layers`` checked against a teacher of ``total`` layers, or ``num_layers`` evenly spaced;
+    a ConfigError names the setting and the depth."""
     if layers is not None:
-        if not layers or sorted(set(layers)) != list(layers) or layers[-1] >= total:
+        layers = list(layers)
+        if not layers or sorted(set(layers)) != layers or layers[0] < 0 or layers[-1] >= total:
             raise ConfigError(f"models.student_layers: expected increasing indices in [0, {total}) (the teacher has "
-                              f"{total} layers), got {list(layers)}")
-        return list(layers)
-    n = num_layers if num_layers is not None else max(1, total // 2)
-    if not 1 <= n <= total:
-        raise ConfigError(f"models.student_num_layers: expected 1..{total} (the teacher's layers), got {n}")
-    return evenly_spaced_layers(total, n)
+                              f"{total} layers), got {layers}")
+        return layers
+    if num_layers is None or not 1 <= num_layers <= total:
+        raise ConfigError(f"models.student_num_layers: expected 1..{total} (the teacher's layers), got {num_layers}")
+    return evenly_spaced_layers(total, num_layers)
 
 
 def derive_student(teacher, layers: list[int] | None = None, num_layers: int | None = None):
@@ -313,14 +319,7 @@ def derive_student(teacher, layers: list[int] | None = None, num_layers: int | N
 
     is_vlm = vision.is_vision_config(teacher.config)
     text_cfg = vision.text_config(teacher.config)
-    total = text_cfg.num_hidden_layers
-    if layers is None:
-        if num_layers is None:
-            raise ValueError("derive_student needs layers or num_layers")
-        layers = evenly_spaced_layers(total, num_layers)
-    layers = list(layers)
-    if sorted(set(layers)) != layers or layers[0] < 0 or layers[-1] >= total:
-        raise ValueError(f"layers must be increasing indices in [0, {total}), got {layers}")
+    layers = chosen_layers(text_cfg.num_hidden_layers, layers, num_layers)
     cfg = copy.deepcopy(teacher.config)
     student_text = vision.text_config(cfg)
     student_text.num_hidden_layers = len(layers)
